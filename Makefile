@@ -1,0 +1,35 @@
+# efffeat: two commands on a fresh machine — `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-all lint bench clean
+
+setup: $(STAMP)
+
+# torch==2.13.0 comes first: it is a CPU wheel on local disk; a bare `torch` requirement would pull a CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/python -m efffeat.demo
+
+lint: setup
+	$(BIN)/ruff check efffeat tests scripts notebooks
+
+test: setup lint
+	$(BIN)/python -m pytest -q
+
+test-all: setup lint
+	$(BIN)/python -m pytest -q -m ''
+
+bench: setup
+	$(BIN)/python scripts/bench.py all
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,53 @@
+"""efffeat: interpretability with effective features.
+
+A trained network is, to next-to-leading order in 1/width, a linear regression on *effective features* —
+per-parameter gradient features corrected by second-derivative meta-features (Roberts, Yaida & Hanin,
+*The Principles of Deep Learning Theory*). efffeat extracts them with hooks in factored form, builds the
+dual regression model ``f(x; θ*) = f(x; θ0) + Σ_μ Δθ_μ φ^E_μ(x)`` and ranks, searches and visualises them.
+"""
+
+from __future__ import annotations
+
+from .capture import FallbackWarning
+from .dual import ORDERS, DualModel
+from .errors import (
+    ConfigError,
+    DataError,
+    EfffeatError,
+    FeatureIdError,
+    InitStateError,
+    MemoryBudgetError,
+    NonFiniteError,
+    ReadoutError,
+    SaveFileError,
+    UnsupportedModelError,
+)
+from .factors import DenseFactor, LowRankFactor
+from .features import EffectiveFeatures
+from .ids import FeatureIds
+from .nn import TransposedLinear
+from .readout import Readout
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ORDERS",
+    "ConfigError",
+    "DataError",
+    "DenseFactor",
+    "DualModel",
+    "EffectiveFeatures",
+    "EfffeatError",
+    "FallbackWarning",
+    "FeatureIdError",
+    "FeatureIds",
+    "InitStateError",
+    "LowRankFactor",
+    "MemoryBudgetError",
+    "NonFiniteError",
+    "ReadoutError",
+    "Readout",
+    "SaveFileError",
+    "TransposedLinear",
+    "UnsupportedModelError",
+]

@@ -1,0 +1,434 @@
+"""`DualModel`: a trained network, its initialisation and a readout, seen as a regression on features.
+
+``f(x; θ*) = f(x; θ0) + Σ_μ Δθ_μ φ^E_μ(x)`` with weights Δθ = θ* − θ0 and effective features φ^E of the
+chosen order (design.md §1, math.md §2):
+
+======== ============================================= ==================================
+order    φ^E_μ(x)                                      completeness error
+======== ============================================= ==================================
+init     φ_μ(x; θ0)  (NTK features)                     O(Δθ²)
+nlo      φ_μ(x; θ0) + ½ Σ_ν ψ_μν(x) Δθ_ν                O(Δθ³); exact for quadratic models
+trained  φ_μ(x; θ*)  (after-kernel)                     O(Δθ²)
+path     ∫₀¹ φ_μ(x; θ0 + tΔθ) dt, Gauss–Legendre        quadrature error only
+======== ============================================= ==================================
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jvp
+from tqdm.auto import tqdm
+
+from ._data import as_batches, batch_inputs, batch_to, check_finite_inputs, slice_batch
+from .capture import (
+    capture_batch,
+    fallback_factors,
+    hooked_layers,
+    sum_factors,
+    warn_fallback,
+)
+from .errors import (
+    ConfigError,
+    DataError,
+    EfffeatError,
+    InitStateError,
+    NonFiniteError,
+    ReadoutError,
+    UnsupportedModelError,
+)
+from .factors import DenseFactor, Factor, LowRankFactor, cat_examples
+from .features import EffectiveFeatures
+from .ids import FeatureIds, ParamSlot
+from .readout import Readout, ReadoutSpec
+
+ORDERS = ("init", "nlo", "trained", "path")
+
+# Modules whose train-mode forward is random or couples the examples of a batch.
+_STOCHASTIC = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
+
+
+def gauss_legendre(nodes: int) -> tuple[list[float], list[float]]:
+    """Nodes and weights of ``nodes``-point Gauss–Legendre quadrature on [0, 1]."""
+    x, w = np.polynomial.legendre.leggauss(nodes)
+    return [float((xi + 1) / 2) for xi in x], [float(wi / 2) for wi in w]
+
+
+def state_names(model: nn.Module) -> dict[str, str]:
+    """``{named_parameters() name: state_dict() key}``, matched by tensor identity.
+
+    They differ for TransformerLens bridges (``layers.0._original_component.…`` vs ``blocks.0.attn.q.weight``).
+    """
+    by_id = {id(v): k for k, v in model.state_dict(keep_vars=True).items()}
+    return {n: by_id.get(id(p), n) for n, p in model.named_parameters()}
+
+
+class DualModel:
+    """A trained network as the dual regression model on its effective features.
+
+    Args:
+        model: the trained network (any ``nn.Module``); its parameters are θ*. It is not modified.
+        init: its ``state_dict()`` at initialisation, θ0 (state_dict keys; named_parameters names work too).
+        readout: ``"output"``, an output index, or ``callable(output, batch) -> [N] | [N, K]`` (`Readout`).
+        order: ``"init" | "nlo" | "trained" | "path"``.
+        nodes: Gauss–Legendre nodes for ``"path"``.
+        dtype: compute in this dtype (e.g. ``torch.float64`` for validation) on a copy of the model.
+        progress: tqdm progress bars over batches.
+        fallback_chunk: examples per ``torch.func`` Jacobian chunk for parameters without a factored rule.
+
+    Example::
+
+        dual = ef.DualModel(model, init=init_state, readout="output", order="nlo")
+        feats = dual.features(x)           # EffectiveFeatures, factored
+        dual.completeness(x)               # relative residual of the dual model
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        init: Mapping[str, Tensor],
+        readout: ReadoutSpec = "output",
+        order: str = "nlo",
+        nodes: int = 4,
+        dtype: torch.dtype | None = None,
+        progress: bool = True,
+        fallback_chunk: int = 32,
+    ):
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        _check_order(order)
+        if not isinstance(nodes, int) or isinstance(nodes, bool) or nodes < 1:
+            raise ConfigError(f"nodes must be a positive integer (Gauss–Legendre nodes), got {nodes!r}")
+        _check_deterministic(model)
+        if dtype is not None:
+            if not dtype.is_floating_point:
+                raise ConfigError(f"dtype must be a floating dtype, got {dtype}")
+            model = copy.deepcopy(model).to(dtype)
+        params = dict(model.named_parameters())
+        if not params:
+            raise UnsupportedModelError("the model has no parameters, so it has no features")
+        self.model = model
+        self.order = order
+        self.nodes = nodes
+        self.progress = progress
+        self.fallback_chunk = fallback_chunk
+        self.readout = Readout(readout)
+        self.state_names = state_names(model)
+        self.theta_trained = {n: p.detach() for n, p in params.items()}
+        _check_finite(self.theta_trained, "trained parameter", "check the training run (learning rate?)")
+        self.theta_init = _match_init(init, self.theta_trained, self.state_names, set(model.state_dict()))
+        _check_finite(self.theta_init, "init state entry", "pass the state_dict saved before training")
+        self.delta = {n: self.theta_trained[n] - self.theta_init[n] for n in params}
+        slots, offset = [], 0
+        for n, p in params.items():
+            slots.append(ParamSlot(n, self.state_names[n], tuple(p.shape), offset))
+            offset += p.numel()
+        self.ids = FeatureIds(slots)
+        self._plan: tuple[list, list[str]] | None = None
+
+    # ---- properties ------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.theta_trained.values())).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        floats = [p.dtype for p in self.theta_trained.values() if p.is_floating_point()]
+        return floats[0] if floats else torch.get_default_dtype()
+
+    @property
+    def n_features(self) -> int:
+        return len(self.ids)
+
+    @property
+    def fallback_params(self) -> list[str]:
+        """Parameters computed by the ``torch.func`` fallback (known after the first batch)."""
+        return [] if self._plan is None else list(self._plan[1])
+
+    def __repr__(self) -> str:
+        return (
+            f"DualModel({type(self.model).__name__}, order={self.order!r}, readout={self.readout.name!r}, "
+            f"P={self.n_features:,}, |Δθ|={self.delta_norm():.4g})"
+        )
+
+    def delta_norm(self) -> float:
+        return float(math.sqrt(sum(float(d.square().sum()) for d in self.delta.values())))
+
+    # ---- evaluation --------------------------------------------------------------------------------------
+    def _call(self, params: Mapping[str, Tensor], batch: Any) -> Any:
+        return functional_call(self.model, dict(params), (batch_inputs(batch),))
+
+    def _readouts(self, batch: Any) -> tuple[Tensor, Tensor]:
+        """``[n, K]`` readouts at θ0 and θ*; the model's own error becomes a `DataError`."""
+        with torch.no_grad():
+            try:
+                out_trained = self._call(self.theta_trained, batch)
+            except EfffeatError:
+                raise
+            except Exception as e:  # the model's own message, whatever its type
+                x = batch_inputs(batch)
+                raise DataError(
+                    f"the model rejected a batch of inputs with shape {tuple(x.shape)} and dtype {x.dtype}: "
+                    f"{type(e).__name__}: {e}"
+                ) from e
+            z_trained = self.readout(out_trained, batch)
+            z_init = self.readout(self._call(self.theta_init, batch), batch)
+        return z_init, z_trained
+
+    def _prepare(self, batch: Any, offset: int) -> Any:
+        batch = batch_to(batch, self.device, self.dtype)
+        check_finite_inputs(batch, offset)
+        return batch
+
+    def _batches(self, data: Any, batch_size: int, desc: str):
+        batches = as_batches(data, batch_size)
+        offset = 0
+        for batch in tqdm(
+            batches, total=batches.n_batches, desc=desc, disable=None if self.progress else True, leave=False
+        ):
+            batch = self._prepare(batch, offset)
+            n = batch_inputs(batch).shape[0]
+            if n == 0:
+                continue
+            yield batch
+            offset += n
+        if offset == 0:
+            raise DataError("data is empty; pass at least one example")
+
+    def points(self, order: str | None = None) -> list[tuple[dict[str, Tensor], float, dict[str, Tensor] | None]]:
+        """The (parameters, weight, tangent) evaluations whose weighted sum is the order's features."""
+        order = _check_order(order or self.order)
+        if order == "init":
+            return [(self.theta_init, 1.0, None)]
+        if order == "trained":
+            return [(self.theta_trained, 1.0, None)]
+        if order == "nlo":
+            return [(self.theta_init, 1.0, self.delta)]
+        ts, ws = gauss_legendre(self.nodes)
+        return [({n: self.theta_init[n] + t * d for n, d in self.delta.items()}, w, None) for t, w in zip(ts, ws)]
+
+    # ---- features ----------------------------------------------------------------------------------------
+    def features(self, data: Any, batch_size: int = 256, order: str | None = None) -> EffectiveFeatures:
+        """Effective features of `data` (tensor, ``(inputs, targets)`` tuple, or iterable of batches).
+
+        order: overrides the model's order for this call.
+        """
+        order = _check_order(order or self.order)
+        parts: dict[str, list[Factor]] = {}
+        z_init, z_trained = [], []
+        for batch in self._batches(data, batch_size, f"features ({order})"):
+            zi, zt = self._readouts(batch)
+            layers, fallback = self._ensure_plan(batch)
+            for name, f in self._batch_factors(batch, layers, fallback, order).items():
+                parts.setdefault(name, []).append(f)
+            z_init.append(zi)
+            z_trained.append(zt)
+        factors = {s.name: cat_examples(parts[s.name]) for s in self.ids.slots}
+        return EffectiveFeatures(
+            factors,
+            self.ids,
+            self.delta,
+            torch.cat(z_init),
+            torch.cat(z_trained),
+            order,
+            bool(self.readout.scalar),
+            {"nodes": self.nodes, "readout": self.readout.name},
+        )
+
+    def _batch_factors(self, batch: Any, layers: list, fallback: list[str], order: str) -> dict[str, Factor]:
+        acc: dict[str, list[Factor]] = {}
+        for params, weight, tangent in self.points(order):
+            cap = capture_batch(self.model, layers, params, batch, self.readout, tangent)
+            found = dict(cap.factors)
+            if fallback:
+                found.update(self._fallback(fallback, params, batch, tangent))
+            for name, f in found.items():
+                acc.setdefault(name, []).append(_scaled(f, weight))
+        return {name: sum_factors(fs) for name, fs in acc.items()}
+
+    def _fallback(self, names: list[str], params, batch, tangent) -> dict[str, DenseFactor]:
+        try:
+            return fallback_factors(self.model, names, params, batch, self.readout, tangent, self.fallback_chunk)
+        except EfffeatError:
+            raise
+        except Exception as e:
+            raise UnsupportedModelError(
+                f"no factored rule covers {', '.join(names)} and the torch.func fallback failed on them "
+                f"({type(e).__name__}: {e}); register the layer as nn.Linear/nn.Embedding/nn.LayerNorm or "
+                "make its forward functional (no in-place parameter updates, no .item())"
+            ) from e
+
+    def _ensure_plan(self, batch: Any) -> tuple[list, list[str]]:
+        """Decide, on the first batch, which parameters the hooks cover exactly and which fall back.
+
+        A parameter is factored when a rule claims it and the factored per-example gradients, summed over a
+        few examples, equal autograd's gradient; anything else (no rule, a use outside the hooked layer)
+        falls back to ``torch.func`` with a warning naming the module.
+        """
+        if self._plan is not None:
+            return self._plan
+        probe = slice_batch(batch, slice(0, 8))
+        all_layers = hooked_layers(self.model, exclude=set())
+        cap = capture_batch(self.model, all_layers, self.theta_trained, probe, self.readout)
+        leaves = {n: p.detach().clone().requires_grad_(True) for n, p in self.theta_trained.items()}
+        r = self.readout(self._call(leaves, probe), probe)
+        if not r.requires_grad:
+            raise ReadoutError(
+                "the readout does not depend differentiably on the parameters (did it use .detach(), "
+                ".item(), argmax or integer ops?); return a differentiable float tensor [N] or [N, K]"
+            )
+        grads = torch.autograd.grad(r[:, 0].sum(), list(leaves.values()), allow_unused=True)
+        grads = tuple(None if g is None else g.detach() for g in grads)
+        true = {n: (torch.zeros_like(leaves[n]) if g is None else g) for n, g in zip(leaves, grads)}
+        c = torch.zeros_like(r.detach())
+        c[:, 0] = 1
+        rtol = 1e-9 if self.dtype == torch.float64 else 2e-4
+        mismatched = []
+        for name, f in cap.factors.items():
+            got, want = f.rmatvec(c), true[name].reshape(-1)
+            if float((got - want).norm()) > rtol * (float(want.norm()) + float(got.norm())) + 1e-30:
+                mismatched.append(name)
+        unclaimed = [n for n in self.theta_trained if n not in cap.factors and n not in mismatched]
+        if unclaimed:
+            warn_fallback(self.model, unclaimed, "no factored rule")
+        if mismatched:
+            warn_fallback(self.model, mismatched, "parameter also used outside the layer that holds it")
+        fallback = [n for n in self.theta_trained if n in set(unclaimed) | set(mismatched)]
+        self._plan = (hooked_layers(self.model, exclude=set(fallback)), fallback)
+        return self._plan
+
+    # ---- the dual model through directional derivatives -----------------------------------------------
+    def linear_term(self, batch: Any, order: str | None = None) -> Tensor:
+        """``[n, K]``: ``Σ_μ Δθ_μ φ^E_μ(x)`` for one prepared batch, by forward-mode directional derivatives.
+
+        Independent of the factored capture: ``init``/``trained`` are one jvp, ``nlo`` adds ½ the second
+        directional derivative (a jvp of a jvp), ``path`` is the quadrature of jvps.
+        """
+        order = _check_order(order or self.order)
+
+        def f(p: dict[str, Tensor]) -> Tensor:
+            return self.readout(self._call(p, batch), batch)
+
+        def dir1(p: dict[str, Tensor]) -> Tensor:
+            return jvp(f, (p,), (self.delta,))[1]
+
+        if order == "nlo":
+            return dir1(self.theta_init) + 0.5 * jvp(dir1, (self.theta_init,), (self.delta,))[1]
+        return sum(w * dir1(p) for p, w, _ in self.points(order))
+
+    def predict(self, data: Any, batch_size: int = 256, order: str | None = None) -> Tensor:
+        """``[N(, K)]``: the dual model's prediction ``f(x; θ0) + Σ_μ Δθ_μ φ^E_μ(x)``."""
+        out = []
+        for batch in self._batches(data, batch_size, "predict"):
+            z_init, _ = self._readouts(batch)
+            out.append((z_init + self.linear_term(batch, order)).detach())
+        return _squeeze(torch.cat(out), self.readout.scalar)
+
+    def outputs(self, data: Any, at: str = "trained", batch_size: int = 256) -> Tensor:
+        """``[N(, K)]``: the readout of the network at ``"trained"`` (θ*) or ``"init"`` (θ0)."""
+        if at not in ("trained", "init"):
+            raise ConfigError(f"at must be 'trained' or 'init', got {at!r}")
+        out = [self._readouts(b)[at == "trained"] for b in self._batches(data, batch_size, "outputs")]
+        return _squeeze(torch.cat(out), self.readout.scalar)
+
+    def completeness(self, data: Any, batch_size: int = 256, order: str | None = None) -> float:
+        """Relative residual ``‖Σ_μ Δθ_μ φ^E_μ − Δz‖ / ‖Δz‖`` of the dual model over `data`."""
+        res2 = scale2 = 0.0
+        for batch in self._batches(data, batch_size, "completeness"):
+            z_init, z_trained = self._readouts(batch)
+            dz = z_trained - z_init
+            res2 += float((self.linear_term(batch, order).detach() - dz).square().sum())
+            scale2 += float(dz.square().sum())
+        if scale2 == 0:
+            return 0.0 if res2 == 0 else math.inf
+        return math.sqrt(res2 / scale2)
+
+    def kernel(self, data: Any, data2: Any = None, batch_size: int = 256, params=None) -> Tensor:
+        """The effective kernel of the model's order: ``[N, M]`` (scalar readout) or ``[N, K, M, K]``.
+
+        params: restrict to these parameter tensors (layerwise kernel).
+        """
+        f1 = self.features(data, batch_size)
+        f2 = None if data2 is None else self.features(data2, batch_size)
+        return f1.kernel(f2, params=params)
+
+
+def _squeeze(t: Tensor, scalar: bool | None) -> Tensor:
+    return t.squeeze(1) if scalar else t
+
+
+def _scaled(f: Factor, w: float) -> Factor:
+    if w == 1.0:
+        return f
+    if isinstance(f, LowRankFactor):
+        return LowRankFactor(f.u * w, f.v)
+    return DenseFactor(f.g * w)
+
+
+def _check_order(order: str) -> str:
+    if order not in ORDERS:
+        raise ConfigError(f"unknown order {order!r}; choose one of {', '.join(repr(o) for o in ORDERS)}")
+    return order
+
+
+def _check_deterministic(model: nn.Module) -> None:
+    if not model.training:
+        return
+    bad = [n or "<root>" for n, m in model.named_modules() if isinstance(m, _STOCHASTIC) and m.training]
+    if bad:
+        raise UnsupportedModelError(
+            f"the model is in training mode and has layers that are random or mix the examples of a batch "
+            f"({', '.join(bad[:5])}); features must be deterministic per example: call model.eval() first"
+        )
+
+
+def _check_finite(params: Mapping[str, Tensor], what: str, fix: str) -> None:
+    for n, p in params.items():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            bad = int((~torch.isfinite(p)).sum())
+            raise NonFiniteError(f"{what} {n!r} holds {bad} NaN/inf value(s); {fix}")
+
+
+def _match_init(
+    init: Mapping[str, Tensor], trained: dict[str, Tensor], names: dict[str, str], state_keys: set[str]
+) -> dict[str, Tensor]:
+    """θ0 by named_parameters name, from a state dict keyed by state_dict (or named_parameters) names."""
+    if not isinstance(init, Mapping):
+        raise InitStateError(
+            f"init must be the model's state_dict at initialisation (a mapping), got {type(init).__name__}; "
+            "save it before training with {k: v.clone() for k, v in model.state_dict().items()}"
+        )
+    by_state = {s: n for n, s in names.items()}
+    out: dict[str, Tensor] = {}
+    for key, value in init.items():
+        name = by_state.get(key, key if key in trained else None)
+        if name is not None:
+            out[name] = value
+    extra = [k for k in init if k not in state_keys and k not in trained]
+    if extra:
+        shown = ", ".join(repr(k) for k in extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+        raise InitStateError(
+            f"the init state has keys the model does not have: {shown}; pass the state_dict of this "
+            "same architecture saved at initialisation"
+        )
+    missing = [names[n] for n in trained if n not in out]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise InitStateError(
+            f"the init state has no entry for {shown}; pass the full model.state_dict() saved at "
+            "initialisation (efffeat needs θ0 for every parameter)"
+        )
+    for n, value in out.items():
+        if not isinstance(value, Tensor) or tuple(value.shape) != tuple(trained[n].shape):
+            got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise InitStateError(
+                f"init entry {names[n]!r} has shape {got} but the model's parameter has "
+                f"{tuple(trained[n].shape)}; the init state belongs to a different architecture"
+            )
+    return {n: out[n].detach().to(device=trained[n].device, dtype=trained[n].dtype) for n in trained}

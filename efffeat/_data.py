@@ -115,7 +115,9 @@ def batch_to(batch: Batch, device: torch.device, dtype: torch.dtype | None) -> B
 def check_finite_inputs(batch: Batch, offset: int) -> None:
     """Raise `NonFiniteError` naming the first example (global index) whose input holds NaN or inf."""
     x = batch_inputs(batch)
-    if x.is_floating_point() or x.is_complex():
+    if x.ndim == 0:
+        raise DataError(f"a batch's input is a 0-d tensor ({x}); each batch must hold examples along its first axis")
+    if (x.is_floating_point() or x.is_complex()) and x.numel():
         bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
         if bool(bad.any()):
             idx = int(torch.nonzero(bad)[0]) + offset

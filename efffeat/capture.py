@@ -24,10 +24,11 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, jacrev, jvp, vmap
+from torch.func import jacrev, jvp, vmap
 from torch.utils._pytree import tree_map
 
 from ._data import Batch, batch_inputs, batch_len, slice_batch
+from ._swap import ParameterSwap
 from .factors import DenseFactor, Factor, LowRankFactor
 from .nn import TransposedLinear
 from .readout import Readout
@@ -137,6 +138,31 @@ class _LayerNormRule(_Rule):
         return out
 
 
+class _BridgeNormRule(_Rule):
+    """TransformerLens's ``NormalizationBridge``: it normalises in Python and applies the wrapped
+    LayerNorm/RMSNorm's ``weight`` (optionally as ``1 + weight``) and ``bias`` itself."""
+
+    def claims(self, module: nn.Module) -> dict[str, Tensor]:
+        if module.use_native_layernorm_autograd or getattr(module.config, "layer_norm_folding", False):
+            return {}  # the wrapped nn.LayerNorm runs, and its own rule applies
+        comp = module.original_component
+        return {f"original_component.{a}": p for a, p in _present(comp, "weight", "bias").items()}
+
+    def record(self, module: nn.Module, args: tuple[Any, ...]) -> Tensor:
+        x = args[0]
+        if not module.uses_rms_norm:
+            x = x - x.mean(-1, keepdim=True)
+        return x / (x.pow(2).mean(-1, keepdim=True) + getattr(module.config, "eps", 1e-5)).sqrt()
+
+    def terms(self, module: nn.Module, rec: Tensor, delta: Tensor) -> dict[str, Term]:
+        n, k, d = delta.shape[0], delta.shape[1], delta.shape[-1]
+        dd = delta.reshape(n, k, -1, d)
+        return {
+            "original_component.weight": ("dense", (dd * rec.reshape(n, 1, -1, d)).sum(dim=2), None),
+            "original_component.bias": ("dense", dd.sum(dim=2), None),
+        }
+
+
 _RULES: dict[type, _Rule] = {
     nn.Linear: _LinearRule(),
     TransposedLinear: _TransposedLinearRule(),
@@ -145,9 +171,16 @@ _RULES: dict[type, _Rule] = {
 }
 
 
+# Rules for classes of optional packages, by qualified name (so that those packages are never imported here).
+_RULES_BY_NAME: dict[str, _Rule] = {
+    "transformer_lens.model_bridge.generalized_components.normalization.NormalizationBridge": _BridgeNormRule(),
+}
+
+
 def rule_for(module: nn.Module) -> _Rule | None:
     """The factored rule for a module's exact type (subclasses may change the forward: no rule)."""
-    return _RULES.get(type(module))
+    cls = type(module)
+    return _RULES.get(cls) or _RULES_BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
 
 
 @dataclass
@@ -177,7 +210,7 @@ def hooked_layers(model: nn.Module, exclude: set[str]) -> list[HookedLayer]:
 
 def _tangent(t: Tensor) -> tuple[Tensor, Tensor | None]:
     primal, tangent = fwAD.unpack_dual(t)
-    return primal, tangent
+    return primal.detach(), None if tangent is None else tangent.detach()
 
 
 def _combine(kind: str, a: Tensor, b: Tensor | None, nlo: bool) -> Factor:
@@ -221,7 +254,7 @@ class BatchCapture:
 
 
 def capture_batch(
-    model: nn.Module,
+    swap: ParameterSwap,
     layers: list[HookedLayer],
     params: dict[str, Tensor],
     batch: Batch,
@@ -253,7 +286,7 @@ def capture_batch(
         with fwAD.dual_level():
             if tangent is not None:
                 params = {k: fwAD.make_dual(p, tangent[k]) for k, p in params.items()}
-            output = functional_call(model, params, (batch_inputs(batch),))
+            output = swap.call(params, batch_inputs(batch))
             r = readout(output, batch)  # [n, K]
             probes = [p for _, _, p in records]
             k_out = r.shape[1]
@@ -281,7 +314,7 @@ def capture_batch(
 
 
 def fallback_factors(
-    model: nn.Module,
+    swap: ParameterSwap,
     names: list[str],
     params: dict[str, Tensor],
     batch: Batch,
@@ -291,8 +324,8 @@ def fallback_factors(
 ) -> dict[str, DenseFactor]:
     """Per-example Jacobians of the readout w.r.t. the parameters `names`, by ``torch.func``.
 
-    ``vmap(jacrev)`` over examples of ``functional_call``, `chunk` examples at a time; with `tangent`, the
-    ``"nlo"`` features ``J + ½ d/dε J(θ + εΔθ)`` via one ``jvp`` of the Jacobian computation.
+    ``vmap(jacrev)`` over examples of the model called with swapped-in parameters, `chunk` examples at a
+    time; with `tangent`, the ``"nlo"`` features ``J + ½ d/dε J(θ + εΔθ)`` via one ``jvp`` of the Jacobian computation.
     Returns ``{name: DenseFactor [n, K, numel]}``.
     """
     n = batch_len(batch)
@@ -303,7 +336,7 @@ def fallback_factors(
 
         def one(p_fb: dict[str, Tensor], example: Batch) -> Tensor:
             ex = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, example)
-            out = functional_call(model, {**rest, **p_fb}, (batch_inputs(ex),))
+            out = swap.call({**rest, **p_fb}, batch_inputs(ex))
             return readout(out, ex)[0]  # [K]
 
         return vmap(jacrev(one), in_dims=(None, 0))(fb, sub)  # name -> [m, K, *shape]

@@ -23,10 +23,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jvp
+from torch.func import jvp
 from tqdm.auto import tqdm
 
 from ._data import as_batches, batch_inputs, batch_to, check_finite_inputs, slice_batch
+from ._swap import ParameterSwap
 from .capture import (
     capture_batch,
     fallback_factors,
@@ -107,13 +108,14 @@ class DualModel:
             raise ConfigError(f"nodes must be a positive integer (Gauss–Legendre nodes), got {nodes!r}")
         _check_deterministic(model)
         if dtype is not None:
-            if not dtype.is_floating_point:
-                raise ConfigError(f"dtype must be a floating dtype, got {dtype}")
+            if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+                raise ConfigError(f"dtype must be a floating torch.dtype such as torch.float64, got {dtype!r}")
             model = copy.deepcopy(model).to(dtype)
         params = dict(model.named_parameters())
         if not params:
             raise UnsupportedModelError("the model has no parameters, so it has no features")
         self.model = model
+        self.swap = ParameterSwap(model)
         self.order = order
         self.nodes = nodes
         self.progress = progress
@@ -161,14 +163,15 @@ class DualModel:
         return float(math.sqrt(sum(float(d.square().sum()) for d in self.delta.values())))
 
     # ---- evaluation --------------------------------------------------------------------------------------
-    def _call(self, params: Mapping[str, Tensor], batch: Any) -> Any:
-        return functional_call(self.model, dict(params), (batch_inputs(batch),))
+    def call(self, params: Mapping[str, Tensor], batch: Any) -> Any:
+        """The model's output on a batch, computed with `params` (``{named_parameters name: tensor}``)."""
+        return self.swap.call(params, batch_inputs(batch))
 
     def _readouts(self, batch: Any) -> tuple[Tensor, Tensor]:
         """``[n, K]`` readouts at θ0 and θ*; the model's own error becomes a `DataError`."""
         with torch.no_grad():
             try:
-                out_trained = self._call(self.theta_trained, batch)
+                out_trained = self.call(self.theta_trained, batch)
             except EfffeatError:
                 raise
             except Exception as e:  # the model's own message, whatever its type
@@ -178,7 +181,15 @@ class DualModel:
                     f"{type(e).__name__}: {e}"
                 ) from e
             z_trained = self.readout(out_trained, batch)
-            z_init = self.readout(self._call(self.theta_init, batch), batch)
+            z_init = self.readout(self.call(self.theta_init, batch), batch)
+        for z, at in ((z_trained, "trained (θ*)"), (z_init, "init (θ0)")):
+            bad = ~torch.isfinite(z).all(dim=1)
+            if bool(bad.any()):
+                raise NonFiniteError(
+                    f"the readout at {at} is NaN or inf for {int(bad.sum())} example(s) of a batch of {len(z)} "
+                    f"(first: example {int(torch.nonzero(bad)[0])} of the batch) although the inputs are finite; "
+                    "the model output overflowed or the readout is undefined there (log of 0?)"
+                )
         return z_init, z_trained
 
     def _prepare(self, batch: Any, offset: int) -> Any:
@@ -244,7 +255,7 @@ class DualModel:
     def _batch_factors(self, batch: Any, layers: list, fallback: list[str], order: str) -> dict[str, Factor]:
         acc: dict[str, list[Factor]] = {}
         for params, weight, tangent in self.points(order):
-            cap = capture_batch(self.model, layers, params, batch, self.readout, tangent)
+            cap = capture_batch(self.swap, layers, params, batch, self.readout, tangent)
             found = dict(cap.factors)
             if fallback:
                 found.update(self._fallback(fallback, params, batch, tangent))
@@ -254,7 +265,7 @@ class DualModel:
 
     def _fallback(self, names: list[str], params, batch, tangent) -> dict[str, DenseFactor]:
         try:
-            return fallback_factors(self.model, names, params, batch, self.readout, tangent, self.fallback_chunk)
+            return fallback_factors(self.swap, names, params, batch, self.readout, tangent, self.fallback_chunk)
         except EfffeatError:
             raise
         except Exception as e:
@@ -275,9 +286,9 @@ class DualModel:
             return self._plan
         probe = slice_batch(batch, slice(0, 8))
         all_layers = hooked_layers(self.model, exclude=set())
-        cap = capture_batch(self.model, all_layers, self.theta_trained, probe, self.readout)
+        cap = capture_batch(self.swap, all_layers, self.theta_trained, probe, self.readout)
         leaves = {n: p.detach().clone().requires_grad_(True) for n, p in self.theta_trained.items()}
-        r = self.readout(self._call(leaves, probe), probe)
+        r = self.readout(self.call(leaves, probe), probe)
         if not r.requires_grad:
             raise ReadoutError(
                 "the readout does not depend differentiably on the parameters (did it use .detach(), "
@@ -289,10 +300,11 @@ class DualModel:
         c = torch.zeros_like(r.detach())
         c[:, 0] = 1
         rtol = 1e-9 if self.dtype == torch.float64 else 2e-4
+        total = math.sqrt(sum(float(g.square().sum()) for g in true.values()))
         mismatched = []
         for name, f in cap.factors.items():
-            got, want = f.rmatvec(c), true[name].reshape(-1)
-            if float((got - want).norm()) > rtol * (float(want.norm()) + float(got.norm())) + 1e-30:
+            got, want = f.rmatvec(c).detach(), true[name].reshape(-1)
+            if float((got - want).norm()) > rtol * (float(want.norm()) + float(got.norm()) + total) + 1e-30:
                 mismatched.append(name)
         unclaimed = [n for n in self.theta_trained if n not in cap.factors and n not in mismatched]
         if unclaimed:
@@ -313,7 +325,7 @@ class DualModel:
         order = _check_order(order or self.order)
 
         def f(p: dict[str, Tensor]) -> Tensor:
-            return self.readout(self._call(p, batch), batch)
+            return self.readout(self.call(p, batch), batch)
 
         def dir1(p: dict[str, Tensor]) -> Tensor:
             return jvp(f, (p,), (self.delta,))[1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -116,7 +117,7 @@ class EffectiveFeatures:
 
     # ---- columns ---------------------------------------------------------------------------------------
     def _positions(self, ids: Sequence[str] | Sequence[int]) -> list[int]:
-        return [int(i) if not isinstance(i, str) else self.ids.index(i) for i in ids]
+        return [self.ids.index(i) if isinstance(i, str) else _position(i) for i in ids]
 
     def columns(self, ids: Sequence[str] | Sequence[int]) -> Tensor:
         """``[N(, K), m]``: feature values ``φ^E`` for the ids (or flat positions) given."""
@@ -190,13 +191,19 @@ class EffectiveFeatures:
         parameter tensors (a layerwise kernel), by state_dict or named_parameters name.
         """
         other = self if other is None else other
+        if other.slots != self.slots:
+            raise ConfigError(
+                "the two feature sets belong to models with different parameters; a kernel pairs features of the "
+                "same architecture (compute both with the same DualModel)"
+            )
         names = self._param_names(params)
         n, k, m, l = self.n_examples, self.n_outputs, other.n_examples, other.n_outputs
         check_fits(
             n * k * m * l,
             self.dtype,
             what=f"the kernel [{n}, {k}, {m}, {l}]",
-            alternative="compute it on fewer examples, or in blocks of rows with select_rows()",
+            alternative="compute it on fewer examples, in blocks of rows with select_rows(), or on disk with "
+            "efffeat.distributed.kernel_to_disk",
         )
         out = torch.zeros(n, k, m, l, dtype=self.dtype, device=self.device)
         for name in names:
@@ -227,3 +234,13 @@ class EffectiveFeatures:
         """``[P]``: ``Σ_{x,k} w(x, k) φ^E_μ(x, k)²`` for every feature at once, from the factors."""
         w = None if weights is None else self._in(weights)
         return torch.cat([self.factors[s.name].sq_sum(w) for s in self.slots])
+
+
+def _position(i: object) -> int:
+    """A flat feature position given as an integer (int, numpy or 0-d integer tensor)."""
+    try:
+        return operator.index(i)
+    except TypeError:
+        raise FeatureIdError(
+            f"a feature is named by an id such as '0.weight[3,1]' or an integer position, got {i!r}"
+        ) from None

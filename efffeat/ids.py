@@ -77,6 +77,8 @@ class FeatureIds(Sequence[str]):
 
     def slot(self, name: str) -> ParamSlot:
         """The parameter slot called `name` (state_dict or named_parameters name)."""
+        if not isinstance(name, str):
+            raise FeatureIdError(f"a parameter is named by a string such as '0.weight', got {name!r}")
         try:
             return self._by_name[name]
         except KeyError:

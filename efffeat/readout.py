@@ -8,7 +8,7 @@ from typing import Any
 from torch import Tensor
 
 from ._data import batch_len
-from .errors import ConfigError, ReadoutError
+from .errors import ConfigError, DataError, EfffeatError, ReadoutError
 
 ReadoutSpec = str | int | Callable[[Any, Any], Tensor]
 
@@ -20,6 +20,10 @@ def _last_position(output: Tensor) -> Tensor:
     if output.ndim == 1:
         return output[:, None]
     return output.reshape(output.shape[0], -1)
+
+
+def _describe(output: Any) -> str:
+    return f"a tensor of shape {tuple(output.shape)}" if isinstance(output, Tensor) else type(output).__name__
 
 
 class Readout:
@@ -58,6 +62,11 @@ class Readout:
                     f"the model returned {type(output).__name__}, not a tensor; pass a callable readout "
                     "that picks the tensor to explain, e.g. readout=lambda out, batch: out.logits[:, -1, 0]"
                 )
+            if output.ndim == 0 or output.shape[0] != n:
+                raise DataError(
+                    f"the model returned shape {tuple(output.shape)} for a batch of {n} examples; the data must "
+                    "hold one example per row ([N, ...]): a single example x is x[None]"
+                )
             flat = _last_position(output)
             if output.ndim == 1 and spec == "output":
                 self.scalar = True
@@ -68,7 +77,14 @@ class Readout:
                     )
                 return flat[:, spec].unsqueeze(1)
             return flat
-        value = spec(output, batch)
+        try:
+            value = spec(output, batch)
+        except EfffeatError:
+            raise
+        except Exception as e:  # the user's readout failed, whatever its error type
+            raise ReadoutError(
+                f"the readout raised {type(e).__name__}: {e}; check it against the model's output ({_describe(output)})"
+            ) from e
         if not isinstance(value, Tensor):
             raise ReadoutError(f"the readout returned {type(value).__name__}; it must return a tensor [N] or [N, K]")
         if value.ndim not in (1, 2) or value.shape[0] != n:

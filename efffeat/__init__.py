@@ -25,12 +25,22 @@ from .errors import (
 from .factors import DenseFactor, LowRankFactor
 from .features import EffectiveFeatures
 from .ids import FeatureIds
+from .kernels import Eigenfeatures, eigenfeatures
 from .nn import TransposedLinear
+from .ranking import FeatureTable, rank
 from .readout import Readout
+from .search import TopK, max_activating, synthesize
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Eigenfeatures",
+    "FeatureTable",
+    "TopK",
+    "eigenfeatures",
+    "max_activating",
+    "rank",
+    "synthesize",
     "ORDERS",
     "ConfigError",
     "DataError",

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -44,7 +44,7 @@ from .errors import (
     ReadoutError,
     UnsupportedModelError,
 )
-from .factors import DenseFactor, Factor, LowRankFactor, cat_examples
+from .factors import DenseFactor, Factor, LowRankFactor, compact
 from .features import EffectiveFeatures
 from .ids import FeatureIds, ParamSlot
 from .readout import Readout, ReadoutSpec
@@ -230,27 +230,24 @@ class DualModel:
 
         order: overrides the model's order for this call.
         """
+        return EffectiveFeatures.concat(list(self.iter_features(data, batch_size, order)))
+
+    def iter_features(self, data: Any, batch_size: int = 256, order: str | None = None) -> Iterator[EffectiveFeatures]:
+        """The effective features of `data` one batch at a time (for streaming work such as top-k search)."""
         order = _check_order(order or self.order)
-        parts: dict[str, list[Factor]] = {}
-        z_init, z_trained = [], []
+        meta = {
+            "nodes": self.nodes,
+            "readout": self.readout.name,
+            "n_heads": getattr(getattr(self.model, "cfg", None), "n_heads", None),
+        }
         for batch in self._batches(data, batch_size, f"features ({order})"):
-            zi, zt = self._readouts(batch)
+            z_init, z_trained = self._readouts(batch)
             layers, fallback = self._ensure_plan(batch)
-            for name, f in self._batch_factors(batch, layers, fallback, order).items():
-                parts.setdefault(name, []).append(f)
-            z_init.append(zi)
-            z_trained.append(zt)
-        factors = {s.name: cat_examples(parts[s.name]) for s in self.ids.slots}
-        return EffectiveFeatures(
-            factors,
-            self.ids,
-            self.delta,
-            torch.cat(z_init),
-            torch.cat(z_trained),
-            order,
-            bool(self.readout.scalar),
-            {"nodes": self.nodes, "readout": self.readout.name},
-        )
+            factors = self._batch_factors(batch, layers, fallback, order)
+            factors = {s.name: factors[s.name] for s in self.ids.slots}
+            yield EffectiveFeatures(
+                factors, self.ids, self.delta, z_init, z_trained, order, bool(self.readout.scalar), dict(meta)
+            )
 
     def _batch_factors(self, batch: Any, layers: list, fallback: list[str], order: str) -> dict[str, Factor]:
         acc: dict[str, list[Factor]] = {}
@@ -261,7 +258,7 @@ class DualModel:
                 found.update(self._fallback(fallback, params, batch, tangent))
             for name, f in found.items():
                 acc.setdefault(name, []).append(_scaled(f, weight))
-        return {name: sum_factors(fs) for name, fs in acc.items()}
+        return {name: compact(sum_factors(fs)) for name, fs in acc.items()}
 
     def _fallback(self, names: list[str], params, batch, tangent) -> dict[str, DenseFactor]:
         try:
@@ -322,17 +319,26 @@ class DualModel:
         Independent of the factored capture: ``init``/``trained`` are one jvp, ``nlo`` adds ½ the second
         directional derivative (a jvp of a jvp), ``path`` is the quadrature of jvps.
         """
+        return self.directional(batch, self.delta, order)
+
+    def directional(self, batch: Any, direction: Mapping[str, Tensor], order: str | None = None) -> Tensor:
+        """``[n, K]``: ``Σ_μ w_μ φ^E_μ(x)`` for a parameter-space `direction` w (``{name: tensor}``).
+
+        The ``nlo`` features are ``φ + ½ ψΔθ``, so their directional derivative is ``φ·w + ½ wᵀψΔθ``: a jvp along w
+        plus half a jvp along Δθ of that jvp. Differentiable with respect to the batch's inputs.
+        """
         order = _check_order(order or self.order)
+        direction = dict(direction)
 
         def f(p: dict[str, Tensor]) -> Tensor:
             return self.readout(self.call(p, batch), batch)
 
-        def dir1(p: dict[str, Tensor]) -> Tensor:
-            return jvp(f, (p,), (self.delta,))[1]
+        def along_w(p: dict[str, Tensor]) -> Tensor:
+            return jvp(f, (p,), (direction,))[1]
 
         if order == "nlo":
-            return dir1(self.theta_init) + 0.5 * jvp(dir1, (self.theta_init,), (self.delta,))[1]
-        return sum(w * dir1(p) for p, w, _ in self.points(order))
+            return along_w(self.theta_init) + 0.5 * jvp(along_w, (self.theta_init,), (self.delta,))[1]
+        return sum(w * along_w(p) for p, w, _ in self.points(order))
 
     def predict(self, data: Any, batch_size: int = 256, order: str | None = None) -> Tensor:
         """``[N(, K)]``: the dual model's prediction ``f(x; θ0) + Σ_μ Δθ_μ φ^E_μ(x)``."""

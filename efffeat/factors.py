@@ -12,7 +12,6 @@ on the readout component (a layer input is shared by every component) and broadc
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -91,18 +90,24 @@ class LowRankFactor:
     def sq_sum(self, weights: Tensor | None = None) -> Tensor:
         """``[d0 * d1]``: ``Σ_{n,k} w[n, k] G[n, k]²`` entrywise (``w`` defaults to 1), without forming G.
 
-        ``G² = Σ_{r,s} (u_r ⊙ u_s) ⊗ (v_r ⊙ v_s)``, a matmul over the ``(n, k, r, s)`` axis.
+        ``G² = Σ_{r,s} (u_r ⊙ u_s) ⊗ (v_r ⊙ v_s)``, a matmul over the ``(n, k, r, s)`` axis; the side that is
+        shared by every readout component is not repeated K times (the other is summed over k first).
         """
-        u, v = self._uv()
-        n, k, r, d0 = u.shape
-        d1 = v.shape[-1]
+        u, v = self.u, self.v
+        n, ku, r, d0 = u.shape
+        kv, d1 = v.shape[1], v.shape[-1]
         out = torch.zeros(d0, d1, dtype=u.dtype, device=u.device)
-        step = max(1, _GRAM_CHUNK_ELEMENTS // max(1, k * r * r * (d0 + d1)))
+        step = max(1, _GRAM_CHUNK_ELEMENTS // max(1, max(ku, kv) * r * r * (d0 + d1)))
         for s in range(0, n, step):
-            uu = u[s : s + step, :, :, None, :] * u[s : s + step, :, None, :, :]  # [n, k, r, r, d0]
-            vv = v[s : s + step, :, :, None, :] * v[s : s + step, :, None, :, :]
-            if weights is not None:
-                uu = uu * weights[s : s + step, :, None, None, None]
+            uu = u[s : s + step, :, :, None, :] * u[s : s + step, :, None, :, :]  # [n, Ku, r, r, d0]
+            vv = v[s : s + step, :, :, None, :] * v[s : s + step, :, None, :, :]  # [n, Kv, r, r, d1]
+            w = None if weights is None else weights[s : s + step, :, None, None, None]
+            if kv == 1:
+                uu = (uu if w is None else uu * w).sum(1, keepdim=True)
+            elif ku == 1:
+                vv = (vv if w is None else vv * w).sum(1, keepdim=True)
+            elif w is not None:
+                uu = uu * w
             out += uu.reshape(-1, d0).T @ vv.reshape(-1, d1)
         return out.reshape(-1)
 
@@ -204,8 +209,10 @@ def cat_examples(factors: list[Factor]) -> Factor:
     """Concatenate per-batch factors of one parameter along the example axis.
 
     Low-rank factors with different ranks (sequences of different lengths) are zero-padded to a common rank;
-    if any batch is dense, or a dense layout is cheaper, the result is dense.
+    if any batch is dense, the result is dense.
     """
+    if len(factors) == 1:
+        return factors[0]
     if all(isinstance(f, LowRankFactor) for f in factors):
         r = max(f.rank for f in factors)
         k_u = max(f.u.shape[1] for f in factors)
@@ -217,10 +224,10 @@ def cat_examples(factors: list[Factor]) -> Factor:
                 return t
             return torch.cat([t, t.new_zeros(t.shape[0], k, r - t.shape[2], t.shape[3])], dim=2)
 
-        out = LowRankFactor(torch.cat([pad(f.u, k_u) for f in factors]), torch.cat([pad(f.v, k_v) for f in factors]))
-        return out.to_dense() if out.dense_is_cheaper() else out
+        return LowRankFactor(torch.cat([pad(f.u, k_u) for f in factors]), torch.cat([pad(f.v, k_v) for f in factors]))
     return DenseFactor(torch.cat([f.to_dense().g for f in factors]))
 
 
-def numel_of(shape: tuple[int, ...]) -> int:
-    return math.prod(shape)
+def compact(f: Factor) -> Factor:
+    """The smaller layout of a factor: dense per-example gradients when they take less memory than u and v."""
+    return f.to_dense() if isinstance(f, LowRankFactor) and f.dense_is_cheaper() else f

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ._memory import check_fits
 from .errors import ConfigError, FeatureIdError
-from .factors import Factor, factor_gram
+from .factors import Factor, cat_examples, factor_gram
 from .ids import FeatureIds, ParamSlot
 
 
@@ -41,6 +41,23 @@ class EffectiveFeatures:
     order: str
     scalar: bool
     meta: dict = field(default_factory=dict)
+
+    @staticmethod
+    def concat(parts: list[EffectiveFeatures]) -> EffectiveFeatures:
+        """The features of several batches of examples (same model, order and readout) as one store."""
+        if len(parts) == 1:
+            return parts[0]
+        first = parts[0]
+        return EffectiveFeatures(
+            {name: cat_examples([p.factors[name] for p in parts]) for name in first.factors},
+            first.ids,
+            first.delta,
+            torch.cat([p.z_init for p in parts]),
+            torch.cat([p.z_trained for p in parts]),
+            first.order,
+            first.scalar,
+            dict(first.meta),
+        )
 
     # ---- sizes -----------------------------------------------------------------------------------------
     @property

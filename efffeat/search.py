@@ -1,0 +1,465 @@
+"""Which inputs activate a feature: streaming dataset top-k, and synthetic inputs by gradient ascent.
+
+`max_activating` streams any iterable of batches, computes each batch's effective features once and keeps,
+for every feature asked about, the k best (example, readout component) pairs seen so far — memory
+O(k × features), whatever the dataset size. Ties keep the earlier example (a stable merge), so the result
+equals a stable sort of the whole dataset.
+
+What a "feature" is here, and its value at an input x:
+
+- a feature id ``"0.weight[3,1]"``: ``φ^E_μ(x)`` (``by="value"``) or ``c_μ(x) = Δθ_μ φ^E_μ(x)``
+  (``by="contribution"``);
+- a group id (``"0.weight[3,:]"`` neuron with its bias, ``"0.weight[:,1]"`` input, ``"0.weight"`` tensor,
+  ``"blocks.0.attn.head[2]"`` head): the group's summed contribution ``Σ_{μ∈G} c_μ(x)`` (either `by`);
+- an eigenfeature ``eig[i]`` (or ``(eig, i)``): the projection ``φ^E(x)·d_i`` on its parameter direction
+  (``by="contribution"``: ``(Δθ·d_i)(φ^E(x)·d_i)``, its share of the output change);
+- a callable ``fn(features_of_batch) -> [n] | [n, K]`` of the batch's `EffectiveFeatures`.
+
+Every value except a callable's is linear in the features, ``Σ_μ w_μ φ^E_μ(x)``, and is evaluated on the
+factors restricted to the rows and columns the weights touch.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ._data import as_batches
+from .dual import DualModel
+from .errors import ConfigError, DataError, FeatureIdError
+from .factors import LowRankFactor
+from .features import EffectiveFeatures
+from .kernels import Eigenfeature, Eigenfeatures
+from .ranking import group_positions
+
+BY = ("value", "contribution")
+FeatureSpec = str | Eigenfeature | tuple | Callable[[EffectiveFeatures], Tensor]
+
+
+# ---- linear functionals of the features ----------------------------------------------------------------
+@dataclass
+class _Functional:
+    """``Σ_μ w_μ φ^E_μ(x, k)``: per parameter tensor the local row-major positions and their weights."""
+
+    parts: dict[str, tuple[Tensor, Tensor]]  # named_parameters name -> (flat [m], w [m])
+    single: tuple[int, float] | None = None  # (flat feature position, weight) when one feature: batched
+    _blocks: dict[str, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)
+
+    def __call__(self, feats: EffectiveFeatures) -> Tensor:
+        """``[n, K]`` values on a batch's features."""
+        out = torch.zeros(feats.n_examples, feats.n_outputs, dtype=feats.dtype, device=feats.device)
+        for name, (flat, w) in self.parts.items():
+            f = feats.factors[name]
+            if isinstance(f, LowRankFactor):
+                rows, cols, block = self._block(name, f.shape, flat, w)
+                out += ((f.u[..., rows] @ block.to(f.u.dtype)) * f.v[..., cols]).sum(dim=(2, 3))
+            else:
+                out += f.g[..., flat] @ w.to(f.g.dtype)
+        return out
+
+    def _block(self, name: str, shape: tuple[int, int], flat: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The rows and columns of ``W [d0, d1]`` the weights touch, and the weights as a dense block."""
+        if name not in self._blocks:
+            rows, r_at = torch.unique(flat // shape[1], return_inverse=True)
+            cols, c_at = torch.unique(flat % shape[1], return_inverse=True)
+            block = torch.zeros(len(rows), len(cols), dtype=w.dtype).index_put_((r_at, c_at), w, accumulate=True)
+            self._blocks[name] = (rows, cols, block)
+        return self._blocks[name]
+
+    def as_direction(self, dual: DualModel) -> dict[str, Tensor]:
+        """The weights as a parameter-shaped tangent ``{name: [*shape]}`` (zeros where untouched)."""
+        out = {n: torch.zeros_like(p) for n, p in dual.theta_trained.items()}
+        for name, (flat, w) in self.parts.items():
+            out[name].view(-1).index_add_(0, flat, w.to(out[name].dtype))
+        return out
+
+
+def _functional(dual: DualModel, positions: Tensor, weights: Tensor) -> _Functional:
+    """Group flat feature positions ``[m]`` and weights ``[m]`` by parameter tensor."""
+    parts = {}
+    for s in dual.ids.slots:
+        inside = (positions >= s.offset) & (positions < s.offset + s.numel)
+        if bool(inside.any()):
+            parts[s.name] = (positions[inside] - s.offset, weights[inside])
+    return _Functional(parts)
+
+
+def _flat_delta(dual: DualModel) -> Tensor:
+    return torch.cat([dual.delta[s.name].reshape(-1) for s in dual.ids.slots])
+
+
+def _resolve(
+    dual: DualModel, spec: FeatureSpec, by: str, delta: Tensor
+) -> tuple[str, Callable[[EffectiveFeatures], Tensor]]:
+    """A (label, value function) for one feature spec; delta: ``[P]`` flat Δθ."""
+    if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], Eigenfeatures):
+        spec = spec[0][spec[1]]
+    if isinstance(spec, Eigenfeature):
+        return spec.id, _eigen_functional(dual, spec, by, delta)
+    if isinstance(spec, str):
+        positions = group_positions(dual.ids, spec, _n_heads(dual))
+        single = len(positions) == 1 and not _is_group_id(spec)
+        weights = torch.ones_like(delta[positions]) if single and by == "value" else delta[positions]
+        functional = _functional(dual, positions, weights)
+        if single:
+            functional.single = (int(positions[0]), float(weights[0]))
+        return spec.strip(), functional
+    if callable(spec):
+        return getattr(spec, "__name__", type(spec).__name__), spec
+    raise ConfigError(
+        f"cannot search for {spec!r}: pass feature ids ('0.weight[3,1]'), group ids ('0.weight[3,:]'), "
+        "eigenfeatures (eig[i] or (eig, i)) or callables fn(features_of_batch) -> [n]"
+    )
+
+
+def _is_group_id(fid: str) -> bool:
+    return ":" in fid or "[" not in fid or ".head[" in fid
+
+
+def _eigen_functional(dual: DualModel, handle: Eigenfeature, by: str, delta: Tensor) -> _Functional:
+    d = handle.direction()
+    if d.numel() != dual.n_features:
+        raise ConfigError(
+            f"eigenfeature {handle.id} belongs to a model with {d.numel()} parameters, this one has "
+            f"{dual.n_features}; compute the eigenfeatures from this model's features"
+        )
+    d = d.to(dual.dtype)
+    if by == "contribution":
+        d = d * (delta @ d)
+    positions = torch.nonzero(d).reshape(-1)
+    return _functional(dual, positions, d[positions])
+
+
+def _n_heads(dual: DualModel) -> int | None:
+    return getattr(getattr(dual.model, "cfg", None), "n_heads", None)
+
+
+def _as_list(features: Any) -> list:
+    if isinstance(features, str | Eigenfeature) or callable(features):
+        return [features]
+    if isinstance(features, tuple) and len(features) == 2 and isinstance(features[0], Eigenfeatures):
+        return [features]
+    if isinstance(features, Eigenfeatures):
+        return list(features)
+    if not isinstance(features, Sequence) or not features:
+        raise ConfigError("features must be a feature id, an eigenfeature, a callable, or a non-empty list of them")
+    return list(features)
+
+
+# ---- the search ------------------------------------------------------------------------------------------
+def max_activating(
+    dual: DualModel,
+    data: Any,
+    features: FeatureSpec | Sequence[FeatureSpec] | Eigenfeatures,
+    k: int = 16,
+    by: str = "value",
+    batch_size: int = 256,
+    largest: bool = True,
+    progress: bool = True,
+) -> TopK:
+    """The `k` (example, component) pairs of `data` with the largest (or smallest) value of each feature.
+
+    Args:
+        dual: the model.
+        data: a tensor, an ``(inputs, targets)`` tuple, or any iterable of batches (a DataLoader).
+        features: one or a list of feature ids, group ids, eigenfeatures, callables (module docstring).
+        k: pairs kept per feature.
+        by: ``"value"`` (φ^E) or ``"contribution"`` (Δθ_μ φ^E_μ) for single features and eigenfeatures.
+        batch_size: examples per batch for tensor data.
+        largest: top-k (True) or bottom-k (False).
+        progress: a tqdm bar over batches.
+
+    Returns:
+        `TopK`: ``result[feature].indices`` (example indices into the data, in order of the stream),
+        ``.components``, ``.values``, ``.examples(data)``.
+
+    Example::
+
+        top = ef.max_activating(dual, x, ["0.weight[3,:]", eig[0]], k=16)
+        top["0.weight[3,:]"].examples(x)
+    """
+    if by not in BY:
+        raise ConfigError(f"unknown by={by!r}; choose 'value' or 'contribution'")
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ConfigError(f"k must be a positive integer, got {k!r}")
+    specs = _as_list(features)
+    delta = _flat_delta(dual)
+    resolved = [_resolve(dual, s, by, delta) for s in specs]
+    labels = _unique_labels([label for label, _ in resolved])
+    batches = as_batches(data, batch_size)
+    known = batches.n_examples
+    if known is not None and dual.readout.scalar and k > known:
+        raise DataError(f"k={k} is larger than the data ({known} examples); pass k ≤ {known}")
+    source = dual
+    if not progress:
+        source = copy.copy(dual)
+        source.progress = False
+    best_values: Tensor | None = None
+    best_pairs: Tensor | None = None
+    offset, n_outputs, scalar = 0, 1, True
+    for feats in source.iter_features(data, batch_size):
+        n = feats.n_examples
+        n_outputs, scalar = feats.n_outputs, feats.scalar
+        values = _evaluate(labels, [fn for _, fn in resolved], feats).reshape(
+            len(labels), n * n_outputs
+        )  # pairs example-major: (x, k) at x·K + k
+        pairs = torch.arange(offset * n_outputs, (offset + n) * n_outputs).expand(len(labels), -1)
+        if best_values is not None and best_pairs is not None:
+            values = torch.cat([best_values, values], dim=1)
+            pairs = torch.cat([best_pairs, pairs], dim=1)
+        order = torch.sort(values, dim=1, descending=largest, stable=True).indices[:, :k]
+        best_values, best_pairs = values.gather(1, order), pairs.gather(1, order)
+        offset += n
+    if best_values is None or best_pairs is None:
+        raise DataError("data is empty; pass at least one example")
+    if best_values.shape[1] < k:
+        raise DataError(
+            f"k={k} is larger than the data ({offset} examples × {n_outputs} components); pass k ≤ {offset * n_outputs}"
+        )
+    entries = {
+        label: TopKEntry(best_pairs[i] // n_outputs, best_values[i], None if scalar else best_pairs[i] % n_outputs)
+        for i, label in enumerate(labels)
+    }
+    meta = {"k": k, "by": by, "largest": largest, "n_examples": offset, "n_outputs": n_outputs, "order": dual.order}
+    return TopK(labels, entries, meta, _originals={id(s): lab for s, lab in zip(specs, labels)})
+
+
+def _evaluate(labels: list[str], fns: list[Callable[[EffectiveFeatures], Tensor]], feats: EffectiveFeatures) -> Tensor:
+    """``[m, n, K]`` every feature's values on a batch; single features share one `columns` call."""
+    out: list[Tensor | None] = [None] * len(fns)
+    singles = [(i, fn.single) for i, fn in enumerate(fns) if isinstance(fn, _Functional) and fn.single is not None]
+    if singles:
+        positions = [p for _, (p, _) in singles]
+        weights = torch.tensor([w for _, (_, w) in singles], dtype=feats.dtype, device=feats.device)
+        columns = feats.columns(positions).reshape(feats.n_examples, feats.n_outputs, -1) * weights
+        for j, (i, _) in enumerate(singles):
+            out[i] = columns[..., j]
+    for i, (label, fn) in enumerate(zip(labels, fns)):
+        if out[i] is None:
+            out[i] = _values(fn, feats, label)
+    return torch.stack(out)  # type: ignore[arg-type]
+
+
+def _values(fn: Callable[[EffectiveFeatures], Tensor], feats: EffectiveFeatures, label: str) -> Tensor:
+    """``[n, K]`` values of one feature on a batch; a callable's output is checked."""
+    v = fn(feats)
+    if not isinstance(v, Tensor) or v.ndim not in (1, 2) or v.shape[0] != feats.n_examples:
+        got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+        raise ConfigError(f"feature {label!r} returned {got} for a batch of {feats.n_examples}; return [n] or [n, K]")
+    v = v.reshape(feats.n_examples, -1)
+    if v.shape[1] not in (1, feats.n_outputs):
+        raise ConfigError(
+            f"feature {label!r} returned {v.shape[1]} values per example; the readout has {feats.n_outputs}"
+        )
+    return v.expand(feats.n_examples, feats.n_outputs).detach()
+
+
+def _unique_labels(labels: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+        out.append(label if seen[label] == 1 else f"{label}#{seen[label]}")
+    return out
+
+
+@dataclass
+class TopKEntry:
+    """The top-k of one feature.
+
+    Attributes:
+        indices: ``[k]`` example indices (positions in the stream of examples), best first.
+        values: ``[k]`` the feature's values there.
+        components: ``[k]`` readout components of each pair (None for a scalar readout).
+    """
+
+    indices: Tensor
+    values: Tensor
+    components: Tensor | None = None
+
+    def examples(self, data: Any) -> Any:
+        """The top-k inputs of tensor data (``[k, ...]``; a tuple of tensors gives a tuple)."""
+        if isinstance(data, Tensor):
+            return data[self.indices]
+        if isinstance(data, tuple) and all(isinstance(t, Tensor) for t in data):
+            return tuple(t[self.indices] for t in data)
+        raise DataError(
+            f"examples() indexes tensor data or a tuple of tensors, got {type(data).__name__}; "
+            "index your dataset with .indices instead"
+        )
+
+
+@dataclass
+class TopK:
+    """Streaming top-k results, one `TopKEntry` per feature.
+
+    Attributes:
+        features: feature labels in the order asked (ids as given, ``eigen[i]``, callables' names).
+        entries: ``{label: TopKEntry}``.
+        meta: ``k``, ``by``, ``largest``, ``n_examples``, ``n_outputs``, ``order``.
+
+    ``result[key]`` takes a label, a position, or the object that was passed (an eigenfeature, a callable).
+    """
+
+    features: list[str]
+    entries: dict[str, TopKEntry]
+    meta: dict[str, Any]
+    _originals: dict[int, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.features)
+
+    def __getitem__(self, key: Any) -> TopKEntry:
+        if isinstance(key, int) and not isinstance(key, bool):
+            return self.entries[self.features[key]]
+        if isinstance(key, tuple) and len(key) == 2 and isinstance(key[0], Eigenfeatures):
+            key = key[0][key[1]]
+        if isinstance(key, Eigenfeature):
+            key = key.id
+        label = key.strip() if isinstance(key, str) else self._originals.get(id(key))
+        if label not in self.entries:
+            raise FeatureIdError(f"{key!r} is not among the features searched: {', '.join(self.features[:10])}")
+        return self.entries[label]
+
+    def __repr__(self) -> str:
+        lines = [
+            f"TopK(k={self.meta['k']}, by={self.meta['by']!r}, largest={self.meta['largest']}, "
+            f"N={self.meta['n_examples']})"
+        ]
+        for label in self.features[:10]:
+            e = self.entries[label]
+            shown = ", ".join(f"{i}:{v:.3g}" for i, v in zip(e.indices[:5].tolist(), e.values[:5].tolist()))
+            lines.append(f"  {label}: {shown}{', ...' if len(e.indices) > 5 else ''}")
+        return "\n".join(lines)
+
+    # ---- persistence ----------------------------------------------------------------------------------
+    def to_state(self) -> tuple[dict[str, Tensor], dict]:
+        tensors: dict[str, Tensor] = {}
+        for i, label in enumerate(self.features):
+            e = self.entries[label]
+            tensors[f"{i}.indices"] = e.indices
+            tensors[f"{i}.values"] = e.values
+            if e.components is not None:
+                tensors[f"{i}.components"] = e.components
+        return tensors, {"kind": "TopK", "features": list(self.features), "meta": dict(self.meta)}
+
+    @classmethod
+    def from_state(cls, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> TopK:
+        entries = {
+            label: TopKEntry(tensors[f"{i}.indices"], tensors[f"{i}.values"], tensors.get(f"{i}.components"))
+            for i, label in enumerate(meta["features"])
+        }
+        return cls(list(meta["features"]), entries, dict(meta["meta"]))
+
+
+# ---- synthetic inputs ----------------------------------------------------------------------------------
+def synthesize(
+    dual: DualModel,
+    feature: str | Eigenfeature | tuple,
+    init: Tensor | None = None,
+    steps: int = 200,
+    lr: float = 0.05,
+    l2: float = 1e-3,
+    tv: float = 0.0,
+    clamp: tuple[float, float] | None = None,
+    by: str = "value",
+    component: int | None = None,
+    shape: Sequence[int] | None = None,
+    tv_shape: Sequence[int] | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> Tensor:
+    """An input that maximises a feature, by regularised gradient ascent (Adam) on the input.
+
+    Maximises ``value(x) − l2·‖x‖² − tv·TV(x)`` per example, projecting onto ``clamp`` after each step.
+    ``value(x) = Σ_μ w_μ φ^E_μ(x)`` is the feature's value as in `max_activating`, differentiable in x: a
+    directional derivative of the readout along w at the order's parameters (``"nlo"`` adds ½ the mixed
+    second derivative along w and Δθ), by forward-mode ``torch.func.jvp``.
+
+    Args:
+        feature: a feature id, group id or eigenfeature.
+        init: ``[b, *input_shape]`` starting points, each optimised on its own (e.g. ``x[:4]``); default one
+            start of small seeded noise of per-example `shape` (or the first Linear layer's ``in_features``).
+        component: the readout component to maximise (required when the readout has several).
+        tv_shape: the per-example shape the total variation is taken over (e.g. ``(8, 8)`` for flattened
+            8×8 images); default the input's own per-example shape (last two dims, or the vector).
+
+    Returns:
+        ``[b, *input_shape]`` the optimised inputs, detached (b = 1 without `init`).
+
+    Token (integer) inputs cannot be optimised by gradients: use `max_activating` over the whole input space
+    (e.g. every (a, b) pair of a modular-addition model).
+    """
+    if by not in BY:
+        raise ConfigError(f"unknown by={by!r}; choose 'value' or 'contribution'")
+    if callable(feature) and not isinstance(feature, Eigenfeature):
+        raise ConfigError("synthesize needs a feature id, group id or eigenfeature (a callable is not differentiable)")
+    label, functional = _resolve(dual, feature, by, _flat_delta(dual))
+    assert isinstance(functional, _Functional)
+    x0 = _start(dual, init, shape, seed)
+    direction = functional.as_direction(dual)
+    x = x0.clone().requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=lr)
+    for _ in tqdm(range(steps), desc=f"synthesize {label}", disable=None if progress else True, leave=False):
+        value = _pick(dual.directional(x, direction), component)  # [b]
+        penalty = l2 * x.square().flatten(1).sum(1) + (tv * _total_variation(x, tv_shape) if tv else 0.0)
+        loss = -(value - penalty).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if clamp is not None:
+            with torch.no_grad():
+                x.clamp_(*clamp)
+    return x.detach()
+
+
+def _pick(values: Tensor, component: int | None) -> Tensor:
+    """``[b]`` one readout component of ``[b, K]`` values."""
+    k = values.shape[1]
+    if component is None:
+        if k > 1:
+            raise ConfigError(f"the readout has {k} components; pass component= (0..{k - 1}) to choose one")
+        return values[:, 0]
+    if not -k <= component < k:
+        raise ConfigError(f"component={component} is out of range for a readout with {k} components")
+    return values[:, component]
+
+
+def _start(dual: DualModel, init: Tensor | None, shape: Sequence[int] | None, seed: int) -> Tensor:
+    """``[b, *input_shape]`` the starting inputs."""
+    first = next((m for m in dual.model.modules() if list(m.parameters(recurse=False))), None)
+    if isinstance(first, nn.Embedding) or (init is not None and not init.is_floating_point()):
+        raise ConfigError(
+            "synthesize optimises continuous inputs by gradient ascent, and this model takes integer "
+            "(token) inputs; enumerate the input space instead and search it with "
+            "ef.max_activating(dual, all_inputs, feature) — e.g. all p² pairs of a modular-addition model"
+        )
+    if init is not None:
+        if init.ndim < 2:
+            raise ConfigError(f"init must be a batch [b, *input_shape] (e.g. x[:1]), got shape {tuple(init.shape)}")
+        return init.detach().to(device=dual.device, dtype=dual.dtype)
+    if shape is None:
+        if not isinstance(first, nn.Linear):
+            raise ConfigError("cannot infer the input shape of this model; pass init= (e.g. x[:1]) or shape=")
+        shape = (first.in_features,)
+    g = torch.Generator().manual_seed(seed)
+    return 0.01 * torch.randn(1, *shape, generator=g, dtype=dual.dtype).to(dual.device)
+
+
+def _total_variation(x: Tensor, tv_shape: Sequence[int] | None) -> Tensor:
+    """``[b]`` anisotropic total variation over the last two dims (or the vector) of each example."""
+    img = x.reshape(x.shape[0], *tv_shape) if tv_shape is not None else x
+    if img.ndim == 2:
+        return (img[:, 1:] - img[:, :-1]).abs().sum(1)
+    dh = (img[..., 1:, :] - img[..., :-1, :]).abs().flatten(1).sum(1)
+    dw = (img[..., :, 1:] - img[..., :, :-1]).abs().flatten(1).sum(1)
+    return dh + dw

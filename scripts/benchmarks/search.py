@@ -1,0 +1,82 @@
+"""Throughput of the streaming max-activation search against a plain forward+backward pass.
+
+Both stream the same batches through the same model: the baseline computes the readout and backpropagates
+it to the parameters (one ``loss.backward()`` per batch); `max_activating` computes each batch's effective
+features and keeps the top-k of 16 single features and 4 neuron groups.
+
+    python scripts/bench.py search [--n 4096] [--batch-size 512] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch import nn
+
+import efffeat as ef
+from efffeat.ranking import rank
+from efffeat.search import max_activating
+
+CONFIGS = [
+    ("64-256-256-10", (64, 256, 256, 10), 0, "init"),
+    ("64-256-256-10", (64, 256, 256, 10), 0, "nlo"),
+    ("512-1024-512-10", (512, 1024, 512, 10), 0, "init"),
+    ("512-1024-512-10", (512, 1024, 512, 10), 0, "nlo"),
+    ("64-256-256-10", (64, 256, 256, 10), "output", "init"),
+]
+
+
+def _model(widths: tuple[int, ...]) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for a, b in zip(widths[:-1], widths[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    model = nn.Sequential(*layers[:-1])
+    init = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return model, init
+
+
+def _plain(model: nn.Module, dual: ef.DualModel, x: torch.Tensor, batch_size: int) -> float:
+    """Seconds for forward + readout + backward to the parameters over every batch."""
+    start = time.perf_counter()
+    for xb in x.split(batch_size):
+        model.zero_grad()
+        dual.readout(model(xb), xb).sum().backward()
+    return time.perf_counter() - start
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="bench.py search")
+    parser.add_argument("--n", type=int, default=4096, help="number of inputs")
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--repeat", type=int, default=3, help="timings are the best of this many runs")
+    args = parser.parse_args(argv)
+    print(
+        f"### search: max_activating vs a plain forward+backward pass, {args.n:,} inputs, batches of "
+        f"{args.batch_size} (float32)\n"
+    )
+    print("| model | readout | order | features searched | plain fwd+bwd (ex/s) | max_activating (ex/s) | ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for name, widths, readout, order in CONFIGS:
+        model, init = _model(widths)
+        x = torch.randn(args.n, widths[0], generator=torch.Generator().manual_seed(1))
+        dual = ef.DualModel(model, init, readout=readout, order=order, progress=False)
+        table = rank(dual.features(x[:256]), by="contribution")
+        specs = list(table.ids[:16]) + [f"0.weight[{i},:]" for i in range(4)]
+        plain = search = float("inf")
+        for _ in range(args.repeat):  # interleaved, best of `repeat`: robust to other load on the machine
+            plain = min(plain, _plain(model, dual, x, args.batch_size))
+            start = time.perf_counter()
+            max_activating(dual, x, specs, k=16, batch_size=args.batch_size, progress=False)
+            search = min(search, time.perf_counter() - start)
+        k_out = "scalar" if readout == 0 else f"vector (K={widths[-1]})"
+        print(
+            f"| {name} | {k_out} | {order} | {len(specs)} | {args.n / plain:,.0f} | {args.n / search:,.0f} | "
+            f"{plain / search:.2f}× |"
+        )
+    print("\nratio = max_activating throughput / plain forward+backward throughput (target ≥ 0.5×).")

@@ -167,30 +167,27 @@ class DualModel:
         """The model's output on a batch, computed with `params` (``{named_parameters name: tensor}``)."""
         return self.swap.call(params, batch_inputs(batch))
 
-    def _readouts(self, batch: Any) -> tuple[Tensor, Tensor]:
-        """``[n, K]`` readouts at θ0 and θ*; the model's own error becomes a `DataError`."""
+    def _readouts(self, batch: Any, at: tuple[str, ...] = ("init", "trained")) -> dict[str, Tensor]:
+        """``{point: [n, K]}`` readouts at ``"init"`` (θ0) and/or ``"trained"`` (θ*).
+
+        The model's own error becomes a `DataError`; a non-finite readout a `NonFiniteError`.
+        """
+        out = {}
         with torch.no_grad():
-            try:
-                out_trained = self.call(self.theta_trained, batch)
-            except EfffeatError:
-                raise
-            except Exception as e:  # the model's own message, whatever its type
-                x = batch_inputs(batch)
-                raise DataError(
-                    f"the model rejected a batch of inputs with shape {tuple(x.shape)} and dtype {x.dtype}: "
-                    f"{type(e).__name__}: {e}"
-                ) from e
-            z_trained = self.readout(out_trained, batch)
-            z_init = self.readout(self.call(self.theta_init, batch), batch)
-        for z, at in ((z_trained, "trained (θ*)"), (z_init, "init (θ0)")):
-            bad = ~torch.isfinite(z).all(dim=1)
-            if bool(bad.any()):
-                raise NonFiniteError(
-                    f"the readout at {at} is NaN or inf for {int(bad.sum())} example(s) of a batch of {len(z)} "
-                    f"(first: example {int(torch.nonzero(bad)[0])} of the batch) although the inputs are finite; "
-                    "the model output overflowed or the readout is undefined there (log of 0?)"
-                )
-        return z_init, z_trained
+            for point in at:
+                params = self.theta_init if point == "init" else self.theta_trained
+                try:
+                    output = self.call(params, batch)
+                except EfffeatError:
+                    raise
+                except Exception as e:  # the model's own message, whatever its type
+                    x = batch_inputs(batch)
+                    raise DataError(
+                        f"the model rejected a batch of inputs with shape {tuple(x.shape)} and dtype {x.dtype}: "
+                        f"{type(e).__name__}: {e}"
+                    ) from e
+                out[point] = _finite_readout(self.readout(output, batch), point)
+        return out
 
     def _prepare(self, batch: Any, offset: int) -> Any:
         batch = batch_to(batch, self.device, self.dtype)
@@ -240,25 +237,35 @@ class DualModel:
             "readout": self.readout.name,
             "n_heads": getattr(getattr(self.model, "cfg", None), "n_heads", None),
         }
+        # the readout at the first evaluation point comes with the capture; the others take one forward each
+        captured = {"init": "init", "nlo": "init", "trained": "trained"}.get(order)
         for batch in self._batches(data, batch_size, f"features ({order})"):
-            z_init, z_trained = self._readouts(batch)
+            z = self._readouts(batch, tuple(p for p in ("init", "trained") if p != captured))
             layers, fallback = self._ensure_plan(batch)
-            factors = self._batch_factors(batch, layers, fallback, order)
+            factors, z_first = self._batch_factors(batch, layers, fallback, order)
+            if captured is not None:
+                z[captured] = _finite_readout(z_first, captured)
             factors = {s.name: factors[s.name] for s in self.ids.slots}
             yield EffectiveFeatures(
-                factors, self.ids, self.delta, z_init, z_trained, order, bool(self.readout.scalar), dict(meta)
+                factors, self.ids, self.delta, z["init"], z["trained"], order, bool(self.readout.scalar), dict(meta)
             )
 
-    def _batch_factors(self, batch: Any, layers: list, fallback: list[str], order: str) -> dict[str, Factor]:
+    def _batch_factors(
+        self, batch: Any, layers: list, fallback: list[str], order: str
+    ) -> tuple[dict[str, Factor], Tensor]:
+        """The order's factors for one batch, and the ``[n, K]`` readout at its first evaluation point."""
         acc: dict[str, list[Factor]] = {}
+        first: Tensor | None = None
         for params, weight, tangent in self.points(order):
             cap = capture_batch(self.swap, layers, params, batch, self.readout, tangent)
+            first = cap.readout if first is None else first
             found = dict(cap.factors)
             if fallback:
                 found.update(self._fallback(fallback, params, batch, tangent))
             for name, f in found.items():
                 acc.setdefault(name, []).append(_scaled(f, weight))
-        return {name: compact(sum_factors(fs)) for name, fs in acc.items()}
+        assert first is not None
+        return {name: compact(sum_factors(fs)) for name, fs in acc.items()}, first
 
     def _fallback(self, names: list[str], params, batch, tangent) -> dict[str, DenseFactor]:
         try:
@@ -344,7 +351,7 @@ class DualModel:
         """``[N(, K)]``: the dual model's prediction ``f(x; θ0) + Σ_μ Δθ_μ φ^E_μ(x)``."""
         out = []
         for batch in self._batches(data, batch_size, "predict"):
-            z_init, _ = self._readouts(batch)
+            z_init = self._readouts(batch, ("init",))["init"]
             out.append((z_init + self.linear_term(batch, order)).detach())
         return _squeeze(torch.cat(out), self.readout.scalar)
 
@@ -352,15 +359,15 @@ class DualModel:
         """``[N(, K)]``: the readout of the network at ``"trained"`` (θ*) or ``"init"`` (θ0)."""
         if at not in ("trained", "init"):
             raise ConfigError(f"at must be 'trained' or 'init', got {at!r}")
-        out = [self._readouts(b)[at == "trained"] for b in self._batches(data, batch_size, "outputs")]
+        out = [self._readouts(b, (at,))[at] for b in self._batches(data, batch_size, "outputs")]
         return _squeeze(torch.cat(out), self.readout.scalar)
 
     def completeness(self, data: Any, batch_size: int = 256, order: str | None = None) -> float:
         """Relative residual ``‖Σ_μ Δθ_μ φ^E_μ − Δz‖ / ‖Δz‖`` of the dual model over `data`."""
         res2 = scale2 = 0.0
         for batch in self._batches(data, batch_size, "completeness"):
-            z_init, z_trained = self._readouts(batch)
-            dz = z_trained - z_init
+            z = self._readouts(batch)
+            dz = z["trained"] - z["init"]
             res2 += float((self.linear_term(batch, order).detach() - dz).square().sum())
             scale2 += float(dz.square().sum())
         if scale2 == 0:
@@ -375,6 +382,17 @@ class DualModel:
         f1 = self.features(data, batch_size)
         f2 = None if data2 is None else self.features(data2, batch_size)
         return f1.kernel(f2, params=params)
+
+
+def _finite_readout(z: Tensor, point: str) -> Tensor:
+    bad = ~torch.isfinite(z).all(dim=1)
+    if bool(bad.any()):
+        raise NonFiniteError(
+            f"the readout at {point} ({'θ0' if point == 'init' else 'θ*'}) is NaN or inf for {int(bad.sum())} "
+            f"example(s) of a batch of {len(z)} (first: example {int(torch.nonzero(bad)[0])} of the batch) although "
+            "the inputs are finite; the model output overflowed or the readout is undefined there (log of 0?)"
+        )
+    return z
 
 
 def _squeeze(t: Tensor, scalar: bool | None) -> Tensor:

@@ -4,9 +4,16 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-all lint bench clean
+.PHONY: setup browser demo test test-all lint bench clean
 
 setup: $(STAMP)
+
+# Headless Chromium for the report's browser test; where it cannot be installed that test is skipped (with the reason).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+	    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "chromium not available: the browser test will be skipped"
 
 # torch==2.13.0 comes first: it is a CPU wheel on local disk; a bare `torch` requirement would pull a CUDA build.
 $(STAMP): pyproject.toml
@@ -22,10 +29,10 @@ demo: setup
 lint: setup
 	$(BIN)/ruff check efffeat tests scripts notebooks
 
-test: setup lint
+test: setup browser lint
 	$(BIN)/python -m pytest -q
 
-test-all: setup lint
+test-all: setup browser lint
 	$(BIN)/python -m pytest -q -m ''
 
 bench: setup

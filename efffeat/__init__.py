@@ -8,7 +8,9 @@ dual regression model ``f(x; θ*) = f(x; θ0) + Σ_μ Δθ_μ φ^E_μ(x)`` and r
 
 from __future__ import annotations
 
+from . import baselines, metrics, zoo
 from .capture import FallbackWarning
+from .compare import ComparisonTable, compare
 from .dual import ORDERS, DualModel
 from .errors import (
     ConfigError,
@@ -34,6 +36,11 @@ from .search import TopK, max_activating, synthesize
 __version__ = "0.1.0"
 
 __all__ = [
+    "ComparisonTable",
+    "baselines",
+    "compare",
+    "metrics",
+    "zoo",
     "Eigenfeatures",
     "FeatureTable",
     "TopK",

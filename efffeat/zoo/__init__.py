@@ -1,0 +1,32 @@
+"""Reference models that keep their initialisation: toy models of superposition, a teacher–student MLP, a digits
+MLP and a modular-addition transformer. Each constructor returns an untrained `Run`; ``run.train()`` trains it,
+``run.save(path)`` / `load` keep it.
+"""
+
+from __future__ import annotations
+
+from .digits import correct_logit, digits_mlp
+from .fourier import fourier_alignment, fourier_basis, fourier_features, frequency_norms, key_frequencies
+from .modular_addition import all_pairs, embedding, modular_addition, run_key_frequencies
+from .run import Run, load
+from .teacher_student import teacher_student
+from .tms import ToyModel, tms
+
+__all__ = [
+    "Run",
+    "ToyModel",
+    "all_pairs",
+    "correct_logit",
+    "digits_mlp",
+    "embedding",
+    "fourier_alignment",
+    "fourier_basis",
+    "fourier_features",
+    "frequency_norms",
+    "key_frequencies",
+    "load",
+    "modular_addition",
+    "run_key_frequencies",
+    "teacher_student",
+    "tms",
+]

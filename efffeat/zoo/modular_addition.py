@@ -1,0 +1,123 @@
+"""A one-layer transformer that learns ``(a + b) mod p`` and groks (Power et al. 2022; Nanda et al. 2023).
+
+Built with TransformerLens 4.x ``TransformerBridge.boot_native``: d_model 128, 4 heads, d_mlp 512, ReLU, no
+LayerNorm; tokens ``"a b ="`` (the ``=`` token is p, so the vocabulary is p + 1 and the output p); cross-entropy
+at the last position; AdamW lr 1e-3, weight decay 1, betas (0.9, 0.98), full batch on a 30 % train split.
+The analysis data is every pair: ``run.data = (tokens [p², 3], labels [p²])``, a-major.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from .digits import correct_logit
+from .fourier import key_frequencies
+from .run import Built, Recipe, Run, register
+
+# The MLP's hidden activations are the input of this module (see `efffeat.baselines.neurons`).
+MLP_OUT = "blocks.0._original_component.mlp._original_component.fc_out"
+
+
+def all_pairs(p: int) -> tuple[Tensor, Tensor]:
+    """``(tokens [p², 3], labels [p²])`` for every ``(a, b)``, a-major; the third token is ``=`` (id p)."""
+    a, b = torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij")
+    a, b = a.reshape(-1), b.reshape(-1)
+    return torch.stack([a, b, torch.full_like(a, p)], dim=1), (a + b) % p
+
+
+def _build(config: dict) -> Built:
+    from transformer_lens import TransformerBridge, TransformerBridgeConfig
+
+    p = config["p"]
+    cfg = TransformerBridgeConfig(
+        d_model=config["d_model"],
+        d_head=config["d_model"] // config["n_heads"],
+        n_layers=1,
+        n_ctx=3,
+        n_heads=config["n_heads"],
+        d_vocab=p + 1,
+        d_vocab_out=p,
+        d_mlp=config["d_mlp"],
+        act_fn="relu",
+        normalization_type=None,
+        seed=int(config["seed"]),
+    )
+    model = TransformerBridge.boot_native(cfg)
+    tokens, labels = all_pairs(p)
+    gen = torch.Generator().manual_seed(int(config["seed"]) + 2)
+    order = torch.randperm(p * p, generator=gen)
+    n_train = round(config["train_fraction"] * p * p)
+    return Built(model, (tokens, labels), None, {"train_idx": order[:n_train], "test_idx": order[n_train:]})
+
+
+def _optimizer(model: nn.Module, config: dict) -> torch.optim.Optimizer:
+    wd = config["weight_decay"]
+    return torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=wd, betas=(0.9, 0.98))
+
+
+def _split_loss(run: Run, idx: Tensor) -> tuple[Tensor, Tensor]:
+    tokens, labels = run.data
+    logits = run.model(tokens[idx])[:, -1]
+    return F.cross_entropy(logits, labels[idx]), (logits.argmax(1) == labels[idx]).float().mean()
+
+
+def _loss(run: Run, generator: torch.Generator) -> Tensor:
+    return _split_loss(run, run.extra["train_idx"])[0]
+
+
+def _evaluate(run: Run) -> dict[str, float]:
+    out = {}
+    for split in ("train", "test"):
+        loss, acc = _split_loss(run, run.extra[f"{split}_idx"])
+        out[f"{split}_loss"], out[f"{split}_accuracy"] = float(loss), float(acc)
+    return out
+
+
+register("modular_addition", Recipe(_build, _optimizer, _loss, _evaluate, readout=correct_logit))
+
+
+def embedding(run: Run) -> Tensor:
+    """``[p, d_model]``: the token embedding of the numbers 0..p-1."""
+    return run.model.state_dict()["embed.weight"][: run.config["p"]].detach()
+
+
+def run_key_frequencies(run: Run, n: int | None = None) -> list[int]:
+    """Key frequencies of a modular-addition run, read from its embedding's DFT (`key_frequencies`)."""
+    return key_frequencies(embedding(run), n)
+
+
+def modular_addition(
+    p: int = 113,
+    d_model: int = 128,
+    n_heads: int = 4,
+    d_mlp: int = 512,
+    train_fraction: float = 0.3,
+    steps: int = 10_000,
+    lr: float = 1e-3,
+    weight_decay: float = 1.0,
+    seed: int = 0,
+) -> Run:
+    """A one-layer TransformerBridge on ``(a + b) mod p`` (untrained; p = 113 groks after about 7k steps)."""
+    if p < 3:
+        raise ConfigError(f"p must be at least 3, got {p}")
+    if not 0 < train_fraction < 1:
+        raise ConfigError(f"train_fraction must be in (0, 1), got {train_fraction}")
+    if d_model % n_heads:
+        raise ConfigError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+    return Run(
+        {
+            "kind": "modular_addition",
+            "p": p,
+            "d_model": d_model,
+            "n_heads": n_heads,
+            "d_mlp": d_mlp,
+            "train_fraction": train_fraction,
+            "steps": steps,
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "seed": seed,
+        }
+    )

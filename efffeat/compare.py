@@ -30,7 +30,7 @@ How units meet the ground truth (the common space), per zoo model:
   Fourier frequencies of the embedding (`efffeat.zoo.fourier_alignment`). Probed layer: the MLP's hidden units.
 
 ``fvu`` is the dictionary's fraction of variance unexplained on the probed activations. Effective features are
-computed in float64 (the kernel of a trained TMS is ill-conditioned enough to break a float32 ``eigh``); the
+computed in float64 (the kernel of a trained TMS is ill-conditioned, so its small eigenpairs need it); the
 table's meta holds the dual model's completeness residual, so a reader sees how well the dual model describes
 the network the features come from.
 """

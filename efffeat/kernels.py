@@ -144,8 +144,11 @@ def eigenfeatures(
 
 
 def _dense_top(op: KernelOperator, k: int) -> tuple[Tensor, Tensor]:
-    evals, evecs = torch.linalg.eigh(op.dense())
-    return evals.flip(0)[:k].clamp_min(0), evecs.flip(1)[:, :k]
+    """Top-k of the formed kernel; ``eigh`` runs in float64 (LAPACK's float32 solver fails on ill-conditioned
+    kernels, e.g. those of trained toy models of superposition)."""
+    kernel = op.dense()
+    evals, evecs = torch.linalg.eigh(kernel.to(torch.float64))
+    return evals.flip(0)[:k].clamp_min(0).to(kernel.dtype), evecs.flip(1)[:, :k].to(kernel.dtype)
 
 
 def _lanczos_top(op: KernelOperator, k: int, tol: float, seed: int) -> tuple[Tensor, Tensor]:

@@ -8,7 +8,7 @@ dual regression model ``f(x; θ*) = f(x; θ0) + Σ_μ Δθ_μ φ^E_μ(x)`` and r
 
 from __future__ import annotations
 
-from . import baselines, metrics, zoo
+from . import baselines, distributed, io, metrics, zoo
 from .capture import FallbackWarning
 from .compare import ComparisonTable, compare
 from .dual import ORDERS, DualModel
@@ -27,6 +27,7 @@ from .errors import (
 from .factors import DenseFactor, LowRankFactor
 from .features import EffectiveFeatures
 from .ids import FeatureIds
+from .io import load, save
 from .kernels import Eigenfeatures, eigenfeatures
 from .nn import TransposedLinear
 from .ranking import FeatureTable, rank
@@ -36,6 +37,10 @@ from .search import TopK, max_activating, synthesize
 __version__ = "0.1.0"
 
 __all__ = [
+    "distributed",
+    "io",
+    "load",
+    "save",
     "ComparisonTable",
     "baselines",
     "compare",

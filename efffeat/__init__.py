@@ -8,7 +8,7 @@ dual regression model ``f(x; θ*) = f(x; θ0) + Σ_μ Δθ_μ φ^E_μ(x)`` and r
 
 from __future__ import annotations
 
-from . import baselines, distributed, io, metrics, zoo
+from . import baselines, distributed, io, metrics, spectral, zoo
 from .capture import FallbackWarning
 from .compare import ComparisonTable, compare
 from .dual import ORDERS, DualModel
@@ -37,6 +37,7 @@ from .search import TopK, max_activating, synthesize
 __version__ = "0.1.0"
 
 __all__ = [
+    "spectral",
     "distributed",
     "io",
     "load",

@@ -213,7 +213,7 @@ class EffectiveFeatures:
                 "the two feature sets belong to models with different parameters; a kernel pairs features of the "
                 "same architecture (compute both with the same DualModel)"
             )
-        names = self._param_names(params)
+        names = self.param_names(params)
         n, k, m, l = self.n_examples, self.n_outputs, other.n_examples, other.n_outputs
         check_fits(
             n * k * m * l,
@@ -227,7 +227,8 @@ class EffectiveFeatures:
             out += factor_gram(self.factors[name], other.factors[name])
         return out[:, 0, :, 0] if self.scalar and other.scalar else out
 
-    def _param_names(self, params: Sequence[str] | None) -> list[str]:
+    def param_names(self, params: Sequence[str] | str | None = None) -> list[str]:
+        """named_parameters() names of the tensors `params` names (state_dict or parameter names; all if None)."""
         if params is None:
             return [s.name for s in self.slots]
         if isinstance(params, str):

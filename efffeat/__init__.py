@@ -8,7 +8,7 @@ dual regression model ``f(x; θ*) = f(x; θ0) + Σ_μ Δθ_μ φ^E_μ(x)`` and r
 
 from __future__ import annotations
 
-from . import baselines, distributed, io, metrics, spectral, zoo
+from . import baselines, distributed, io, metrics, spectral, viz, zoo
 from .capture import FallbackWarning
 from .compare import ComparisonTable, compare
 from .dual import ORDERS, DualModel
@@ -33,10 +33,13 @@ from .nn import TransposedLinear
 from .ranking import FeatureTable, rank
 from .readout import Readout
 from .search import TopK, max_activating, synthesize
+from .viz import report
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "report",
+    "viz",
     "spectral",
     "distributed",
     "io",

@@ -1,0 +1,17 @@
+"""Figures and reports: what a user looks at (plotly).
+
+Every function takes results (features, rankings, eigenfeatures, runs, comparison tables) and draws them;
+the computing is done by the rest of efffeat.
+
+- `feature_dashboard`: one feature, group, eigenfeature or neuron on one page.
+- `ranking`, `spectrum`, `tms_geometry`, `fourier`, `comparison`, `scaling`: one figure each.
+- `report`: one self-contained HTML file per analysis.
+"""
+
+from __future__ import annotations
+
+from .dashboard import feature_dashboard
+from .figures import comparison, fourier, ranking, scaling, spectrum, tms_geometry
+from .html_report import report
+
+__all__ = ["comparison", "feature_dashboard", "fourier", "ranking", "report", "scaling", "spectrum", "tms_geometry"]

@@ -1,0 +1,397 @@
+"""Plotly figures of analysis results: rankings, spectra, TMS geometry, Fourier views, comparisons, scaling.
+
+Each function takes a result object and draws it; none of them computes features, kernels or scores.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+import torch
+from plotly.subplots import make_subplots
+from torch import Tensor
+
+from ..errors import ConfigError, DataError
+from ._inputs import to_numpy
+
+TEMPLATE = "plotly_white"
+COLORS = ("#3b6fb6", "#d1752b", "#3f9e5a", "#b8434e", "#7f5fb0", "#8c6d46", "#d36fb0", "#6f6f6f")
+
+
+def ranking(table: Any, top: int = 30) -> go.Figure:
+    """Horizontal bars of the best `top` rows of an ``ef.rank`` `FeatureTable` (rank 1 at the top)."""
+    ids = list(table.ids[: min(top, len(table))])
+    scores = to_numpy(table.scores)[: len(ids)]
+    if not ids:
+        raise DataError("the table is empty; there is nothing to draw")
+    fig = go.Figure(
+        go.Bar(
+            x=scores,
+            y=[f"{i + 1}. {fid}" for i, fid in enumerate(ids)],
+            orientation="h",
+            marker_color=COLORS[0],
+            hovertemplate="%{y}<br>score %{x:.4g}<extra></extra>",
+        )
+    )
+    order = (table.meta or {}).get("order") if hasattr(table, "meta") else None
+    subtitle = f"group: {table.group}" + (f" · order {order}" if order else "")
+    fig.update_layout(
+        template=TEMPLATE,
+        title={"text": f"Top {len(ids)} by {table.by}<br><sup>{subtitle}</sup>", "x": 0.01},
+        xaxis_title=table.by,
+        yaxis={"autorange": "reversed", "automargin": True},
+        height=160 + 22 * len(ids),
+        margin={"l": 20, "r": 30, "t": 70, "b": 50},
+    )
+    return fig
+
+
+def spectrum(eigenfeatures: Any, cliffs: Sequence[int] | None = None) -> go.Figure:
+    """Eigenvalues on a log scale, largest first, with the spectral cliff(s) marked.
+
+    eigenfeatures: ``ef.eigenfeatures(...)`` (``.values``, ``.cliff``), a `Spectrum` (``.eigenvalues``) or a
+    ``[k]`` tensor. cliffs: mode indices i after which the spectrum drops (default: the result's own).
+    """
+    values = _eigenvalues(eigenfeatures)
+    if values.size == 0:
+        raise DataError("the spectrum is empty; there is nothing to draw")
+    cliffs = _cliffs(eigenfeatures) if cliffs is None else [int(c) for c in cliffs]
+    modes = np.arange(len(values))
+    fig = go.Figure(
+        go.Scatter(
+            x=modes,
+            y=values,
+            mode="lines+markers",
+            marker={"size": 6, "color": COLORS[0]},
+            line={"color": COLORS[0]},
+            hovertemplate="mode %{x}<br>λ = %{y:.4g}<extra></extra>",
+        )
+    )
+    for c in cliffs:
+        if 0 <= c < len(values) - 1:
+            drop = values[c] / values[c + 1] if values[c + 1] > 0 else math.inf
+            fig.add_vline(
+                x=c + 0.5,
+                line={"dash": "dash", "color": COLORS[3]},
+                annotation_text=f"cliff after mode {c} (×{drop:.3g})",
+                annotation_position="top right",
+            )
+    fig.update_layout(
+        template=TEMPLATE,
+        title={"text": f"Spectrum of the effective kernel ({len(values)} modes)", "x": 0.01},
+        xaxis_title="mode",
+        yaxis={"type": "log", "title": "eigenvalue", "exponentformat": "power"},
+        height=420,
+        margin={"l": 60, "r": 30, "t": 60, "b": 50},
+    )
+    return fig
+
+
+def _eigenvalues(obj: Any) -> np.ndarray:
+    for name in ("values", "eigenvalues"):
+        v = getattr(obj, name, None)
+        if v is not None and not callable(v):
+            return to_numpy(v).reshape(-1)
+    if isinstance(obj, Tensor | np.ndarray | Sequence):
+        return to_numpy(obj).reshape(-1)
+    raise ConfigError(
+        f"spectrum() takes ef.eigenfeatures(...) results, a Spectrum or a tensor of eigenvalues, "
+        f"got {type(obj).__name__}"
+    )
+
+
+def _cliffs(obj: Any) -> list[int]:
+    cliff = getattr(obj, "cliff", None)
+    if cliff is None and callable(getattr(obj, "cliffs", None)):
+        cliff = obj.cliffs(n=1) if len(_eigenvalues(obj)) > 1 else []
+    if cliff is None:
+        return []
+    if hasattr(cliff, "ratio"):  # an ef.eigenfeatures Cliff(index, ratio)
+        cliff = cliff.index
+    if cliff is None:
+        return []
+    if isinstance(cliff, int | np.integer):
+        return [int(cliff)]
+    if isinstance(cliff, Tensor):
+        return [int(c) for c in cliff.reshape(-1)]
+    return [int(c) for c in cliff]
+
+
+def tms_geometry(run: Any) -> go.Figure:
+    """Where a toy model of superposition puts each input feature in its hidden space.
+
+    Left: each feature's hidden direction ``W[:, i]`` (trained, solid; init, faint) — the hidden plane itself
+    for two hidden units, else the plane of W's top two singular directions. Right: the interference matrix
+    ``WᵀW``. `run` is an ``ef.zoo.tms(...)`` run (its model exposes ``W [n_hidden, n_features]``).
+    """
+    w = getattr(run.model, "W", None)
+    if not isinstance(w, Tensor) or w.ndim != 2:
+        raise ConfigError(
+            "tms_geometry needs a toy model of superposition: a run whose model has W [n_hidden, n_features] "
+            "(ef.zoo.tms(...))"
+        )
+    w_trained = w.detach().double().cpu()
+    w_init = _init_of(run, w)
+    basis, plane = _plane(w_trained)
+    n_features = w_trained.shape[1]
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        column_widths=[0.55, 0.45],
+        subplot_titles=(f"hidden directions ({plane}; dotted: at init)", "interference WᵀW (trained)"),
+        horizontal_spacing=0.12,
+    )
+    limit = 0.0
+    for label, weights, faint in (("init", w_init, True), ("trained", w_trained, False)):
+        if weights is None:
+            continue
+        xy = (basis.T @ weights).numpy()  # [2, n_features]
+        limit = max(limit, float(np.abs(xy).max()))
+        for i in range(n_features):
+            color = COLORS[i % len(COLORS)]
+            fig.add_trace(
+                go.Scatter(
+                    x=[0, xy[0, i]],
+                    y=[0, xy[1, i]],
+                    mode="lines+markers" if not faint else "lines",
+                    line={"color": color, "width": 1.5 if faint else 3, "dash": "dot" if faint else "solid"},
+                    marker={"size": [0, 9]},
+                    opacity=0.45 if faint else 1.0,
+                    name=f"x{i} ({label})",
+                    legendgroup=f"x{i}",
+                    showlegend=not faint,
+                    hovertemplate=f"feature {i} ({label})<br>(%{{x:.3f}}, %{{y:.3f}})<extra></extra>",
+                ),
+                row=1,
+                col=1,
+            )
+    gram = (w_trained.T @ w_trained).numpy()
+    bound = float(np.abs(gram).max()) or 1.0
+    fig.add_trace(
+        go.Heatmap(
+            z=gram,
+            colorscale="RdBu",
+            reversescale=True,
+            zmin=-bound,
+            zmax=bound,
+            colorbar={"thickness": 12, "len": 0.8},
+            hovertemplate="x%{y} · x%{x} = %{z:.3f}<extra></extra>",
+        ),
+        row=1,
+        col=2,
+    )
+    limit = 1.1 * (limit or 1.0)
+    fig.update_xaxes(range=[-limit, limit], zeroline=True, title_text="direction 1", row=1, col=1)
+    fig.update_yaxes(range=[-limit, limit], zeroline=True, scaleanchor="x", title_text="direction 2", row=1, col=1)
+    fig.update_xaxes(title_text="feature", dtick=1 if n_features <= 20 else None, row=1, col=2)
+    fig.update_yaxes(title_text="feature", autorange="reversed", dtick=1 if n_features <= 20 else None, row=1, col=2)
+    fig.update_layout(
+        template=TEMPLATE,
+        title={
+            "text": f"Toy model of superposition: {n_features} features in {w_trained.shape[0]} dimensions",
+            "x": 0.01,
+        },
+        height=500,
+        width=980,
+        margin={"l": 60, "r": 30, "t": 80, "b": 90},
+        legend={"orientation": "h", "x": 0.0, "y": -0.18, "xanchor": "left", "yanchor": "top"},
+    )
+    return fig
+
+
+def _init_of(run: Any, w: Tensor) -> Tensor | None:
+    """The init value of parameter `w`, looked up by name in ``run.init_state``."""
+    names = {id(v): k for k, v in run.model.state_dict(keep_vars=True).items()}
+    init = getattr(run, "init_state", None) or {}
+    value = init.get(names.get(id(w), ""))
+    return None if value is None else value.detach().double().cpu()
+
+
+def _plane(w: Tensor) -> tuple[Tensor, str]:
+    """``[n_hidden, 2]`` orthonormal basis of the plane to draw in, and its name."""
+    if w.shape[0] == 2:
+        return torch.eye(2, dtype=w.dtype), "the hidden plane"
+    if w.shape[0] == 1:
+        return torch.tensor([[1.0, 0.0]], dtype=w.dtype), "one hidden unit"
+    u = torch.linalg.svd(w, full_matrices=False).U[:, :2]
+    return u, "top-2 singular plane of W"
+
+
+def fourier(run: Any, param: str = "embed.weight", p: int | None = None, n_key: int | None = None) -> go.Figure:
+    """Fourier spectrum of a modular-addition model's token embedding, trained (θ*) and learned (Δθ).
+
+    Bars: the norm of the embedding's Fourier component at each frequency 1 … p // 2 (``ef.zoo.frequency_norms``
+    of the rows of `param` for the number tokens 0 … p − 1), for θ* and for Δθ = θ* − θ0; the key frequencies
+    (``ef.zoo.key_frequencies``, `n_key` of them or the count its largest drop gives) are labelled.
+    p: the modulus (default ``run.config["p"]``).
+    """
+    from ..zoo import frequency_norms, key_frequencies
+
+    state = run.model.state_dict()
+    if param not in state or state[param].ndim != 2:
+        found = ", ".join(k for k, v in state.items() if v.ndim == 2)
+        raise ConfigError(f"fourier() reads a token embedding [d_vocab, d_model]: {param!r} is not one of ({found})")
+    p = int(p if p is not None else run.config.get("p", state[param].shape[0]))
+    if not 3 <= p <= state[param].shape[0]:
+        raise ConfigError(f"p={p} does not fit the embedding's {state[param].shape[0]} rows")
+    trained = state[param][:p].detach()
+    delta = trained - run.init_state[param][:p].detach().to(trained.dtype)
+    freqs = np.arange(1, p // 2 + 1)
+    norms = {"trained θ*": to_numpy(frequency_norms(trained)), "learned Δθ": to_numpy(frequency_norms(delta))}
+    key = key_frequencies(trained, n_key)
+    fig = go.Figure()
+    for j, (name, values) in enumerate(norms.items()):
+        fig.add_trace(
+            go.Bar(
+                x=freqs,
+                y=values,
+                name=name,
+                marker_color=COLORS[j],
+                hovertemplate=f"{name}<br>frequency %{{x}}: %{{y:.4g}}<extra></extra>",
+            )
+        )
+    for f in key:
+        fig.add_annotation(x=f, y=float(norms["trained θ*"][f - 1]), text=str(f), showarrow=True, arrowhead=0, ay=-18)
+    fig.update_layout(
+        template=TEMPLATE,
+        title={
+            "text": f"Fourier components of {param} over the tokens 0…{p - 1}<br><sup>key frequencies: "
+            f"{', '.join(str(f) for f in key)}</sup>",
+            "x": 0.01,
+        },
+        xaxis_title="frequency",
+        yaxis_title="norm of the Fourier component",
+        barmode="group",
+        height=420,
+        margin={"l": 60, "r": 30, "t": 80, "b": 50},
+    )
+    return fig
+
+
+def comparison(table: Any) -> go.Figure:
+    """One bar chart per metric of an ``ef.compare`` `ComparisonTable` (or a list of records), one bar per method."""
+    records = as_records(table)
+    labels, metrics = _columns(records)
+    if not metrics:
+        raise DataError("the comparison table has no numeric column to draw")
+    names = [" · ".join(str(r[k]) for k in labels) or str(i) for i, r in enumerate(records)]
+    n = len(metrics)
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=metrics, vertical_spacing=0.18, horizontal_spacing=0.08)
+    for j, metric in enumerate(metrics):
+        values = [r.get(metric) for r in records]
+        fig.add_trace(
+            go.Bar(
+                x=names,
+                y=[np.nan if v is None else float(v) for v in values],
+                marker_color=[COLORS[i % len(COLORS)] for i in range(len(names))],
+                name=metric,
+                hovertemplate="%{x}<br>" + metric + " = %{y:.4g}<extra></extra>",
+            ),
+            row=j // cols + 1,
+            col=j % cols + 1,
+        )
+    fig.update_layout(
+        template=TEMPLATE,
+        title={"text": "Effective features against the baselines", "x": 0.01},
+        showlegend=False,
+        height=320 * rows + 60,
+        margin={"l": 50, "r": 30, "t": 80, "b": 50},
+    )
+    return fig
+
+
+def scaling(results: Any, x: str = "width", y: Sequence[str] | None = None) -> go.Figure:
+    """Log–log lines of measured quantities against width (or `x`), each labelled with its fitted slope.
+
+    results: records ``[{"width": 64, "lo_error": ..., ...}]``, a mapping ``{column: [values]}`` or an
+    object with ``to_records()``; y: the columns to draw (default: every numeric column but `x` and ``seed``).
+    Several records at one x (seeds) are drawn as points, their mean as the line.
+    """
+    records = as_records(results)
+    if not records or x not in records[0]:
+        found = list(records[0]) if records else []
+        raise DataError(f"scaling() needs records with an {x!r} column, got columns {found}")
+    _, numeric = _columns(records)
+    columns = list(y) if y is not None else [c for c in numeric if c not in (x, "seed")]
+    fig = go.Figure()
+    for j, col in enumerate(columns):
+        pts = np.array([(float(r[x]), float(r[col])) for r in records if r.get(col) is not None and r[col] > 0])
+        if len(pts) == 0:
+            continue
+        xs = np.unique(pts[:, 0])
+        means = np.array([np.exp(np.log(pts[pts[:, 0] == v, 1]).mean()) for v in xs])
+        slope = np.polyfit(np.log(xs), np.log(means), 1)[0] if len(xs) > 1 else math.nan
+        color = COLORS[j % len(COLORS)]
+        if len(pts) > len(xs):
+            fig.add_trace(
+                go.Scatter(
+                    x=pts[:, 0],
+                    y=pts[:, 1],
+                    mode="markers",
+                    marker={"color": color, "size": 5},
+                    opacity=0.4,
+                    showlegend=False,
+                    hoverinfo="skip",
+                )
+            )
+        fig.add_trace(
+            go.Scatter(x=xs, y=means, mode="lines+markers", line={"color": color}, name=f"{col} (slope {slope:.2f})")
+        )
+    fig.update_layout(
+        template=TEMPLATE,
+        title={"text": f"Scaling with {x}", "x": 0.01},
+        xaxis={"type": "log", "title": x},
+        yaxis={"type": "log", "title": "value"},
+        height=440,
+        margin={"l": 60, "r": 30, "t": 60, "b": 50},
+    )
+    return fig
+
+
+def as_records(obj: Any) -> list[dict[str, Any]]:
+    """Rows of a table: `to_records()`, a list of mappings, or a mapping of columns."""
+    if hasattr(obj, "to_records"):
+        return [dict(r) for r in obj.to_records()]
+    if isinstance(obj, Mapping):
+        keys = list(obj)
+        n = len(obj[keys[0]]) if keys else 0
+        return [{k: _plain(obj[k][i]) for k in keys} for i in range(n)]
+    if isinstance(obj, Sequence) and all(isinstance(r, Mapping) for r in obj):
+        return [dict(r) for r in obj]
+    raise ConfigError(
+        f"expected a table with to_records(), a list of records or a mapping of columns, got {type(obj).__name__}"
+    )
+
+
+def _plain(v: Any) -> Any:
+    return v.item() if isinstance(v, Tensor | np.generic) and getattr(v, "ndim", 0) == 0 else v
+
+
+def _columns(records: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """The label columns (all strings) and the numeric columns of some records, in order of appearance."""
+    keys: list[str] = []
+    for r in records:
+        keys += [k for k in r if k not in keys]
+
+    def kinds(k: str) -> set[str]:
+        out = set()
+        for r in records:
+            v = r.get(k)
+            if v is None:
+                continue
+            out.add("str" if isinstance(v, str) else "num" if _is_number(v) else "other")
+        return out
+
+    labels = [k for k in keys if kinds(k) == {"str"}]
+    numeric = [k for k in keys if kinds(k) == {"num"}]
+    return labels, numeric
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float | np.number) and not isinstance(v, bool | np.bool_)

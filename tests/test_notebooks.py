@@ -1,0 +1,51 @@
+"""The three notebooks run top to bottom (small settings: ``EFFFEAT_SMALL=1``) and are stored without outputs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+
+
+@pytest.fixture(scope="module")
+def kernel_name(tmp_path_factory):
+    """A ``python3`` kernel that runs this interpreter, first on the kernel search path (``$JUPYTER_PATH``)."""
+    from ipykernel.kernelspec import write_kernel_spec
+
+    root = tmp_path_factory.mktemp("jupyter")
+    write_kernel_spec(root / "kernels" / "python3")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JUPYTER_PATH", os.pathsep.join([str(root), os.environ.get("JUPYTER_PATH", "")]).rstrip(os.pathsep))
+        yield "python3"
+
+
+def test_three_notebooks_stored_without_outputs():
+    assert [p.name for p in NOTEBOOKS] == [
+        "01_analyse_a_toy_model.ipynb",
+        "02_which_inputs_activate_a_feature.ipynb",
+        "03_feature_visualisations.ipynb",
+    ]
+    for path in NOTEBOOKS:
+        nb = nbformat.read(path, as_version=4)
+        nbformat.validate(nb)
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        assert code and all(not c.outputs and c.execution_count is None for c in code), path.name
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs(path, kernel_name, tmp_path, monkeypatch):
+    monkeypatch.setenv("EFFFEAT_SMALL", "1")
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(
+        nb, kernel_name=kernel_name, timeout=240, resources={"metadata": {"path": str(tmp_path)}}, allow_errors=False
+    )
+    client.execute(env=dict(os.environ))
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert any("application/vnd.plotly.v1+json" in o.get("data", {}) for o in outputs), "no figure was drawn"

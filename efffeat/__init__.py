@@ -8,7 +8,7 @@ dual regression model ``f(x; θ*) = f(x; θ0) + Σ_μ Δθ_μ φ^E_μ(x)`` and r
 
 from __future__ import annotations
 
-from . import baselines, distributed, io, metrics, spectral, viz, zoo
+from . import baselines, distributed, io, metrics, spectral, theory, viz, zoo
 from .capture import FallbackWarning
 from .compare import ComparisonTable, compare
 from .dual import ORDERS, DualModel
@@ -38,6 +38,7 @@ from .viz import report
 __version__ = "0.1.0"
 
 __all__ = [
+    "theory",
     "report",
     "viz",
     "spectral",

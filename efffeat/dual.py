@@ -70,6 +70,13 @@ def state_names(model: nn.Module) -> dict[str, str]:
     return {n: by_id.get(id(p), n) for n, p in model.named_parameters()}
 
 
+def init_parameters(model: nn.Module, init: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """θ0 by ``named_parameters()`` name, from the state dict saved at initialisation; checked against the model
+    (missing or extra keys, shapes) and cast to each parameter's dtype and device."""
+    trained = {n: p.detach() for n, p in model.named_parameters()}
+    return _match_init(init, trained, state_names(model), set(model.state_dict()))
+
+
 class DualModel:
     """A trained network as the dual regression model on its effective features.
 

@@ -79,7 +79,7 @@ def cmd_analyse(args: argparse.Namespace) -> None:
         print(f"  {o:<8} {c:.4g}{'   <- features shown' if o == args.order else ''}")
     print(f"top {min(args.top, len(table))} of {len(table)} by {args.by} (group {args.group}):")
     for row in table.to_records()[: args.top]:
-        print(f"  {row['rank'] + 1:>3}. {row['id']:<40} {row['score']:.4g}")
+        print(f"  {row['rank']:>3}. {row['id']:<40} {row['score']:.4g}")
     analysis = {
         "order": args.order,
         "by": args.by,

@@ -369,7 +369,7 @@ class _Labels(Sequence[str]):
 class Row(NamedTuple):
     """One row of a `FeatureTable`."""
 
-    rank: int
+    rank: int  # 1 = best
     id: str
     score: float
     size: int
@@ -403,14 +403,14 @@ class FeatureTable:
         if not -len(self) <= i < len(self):
             raise IndexError(f"row {i} out of range for a table of {len(self)} rows")
         i %= len(self)
-        return Row(i, self.ids[i], float(self.scores[i]), int(self.sizes[i]))
+        return Row(i + 1, self.ids[i], float(self.scores[i]), int(self.sizes[i]))
 
     def __iter__(self) -> Iterator[Row]:
         for i in range(len(self)):
             yield self[i]
 
     def to_records(self) -> list[dict[str, Any]]:
-        """``[{"rank", "id", "score", "size"}, ...]`` (e.g. for ``pandas.DataFrame``)."""
+        """``[{"rank", "id", "score", "size"}, ...]``, rank 1 first (e.g. for ``pandas.DataFrame``)."""
         return [row._asdict() for row in self]
 
     def __repr__(self) -> str:

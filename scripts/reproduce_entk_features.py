@@ -356,8 +356,11 @@ def key_frequencies(w_e: Tensor, p: int) -> list[int]:
 
 def dense_route(model: nn.Module, tokens: Tensor, names: Sequence[str]) -> dict[str, Tensor]:
     """The research code's route: per tensor, per-example Jacobians [N, C, P_i] and the kernel [N, N, C, C]."""
-    from torch.func import functional_call, jacrev, vmap
+    from torch.func import jacrev, vmap
 
+    from efffeat._swap import ParameterSwap  # torch.func.functional_call corrupts TransformerBridge parameters
+
+    swap = ParameterSwap(model)
     params = {n: q.detach() for n, q in model.named_parameters()}
     by_state = {v: k for k, v in ef.dual.state_names(model).items()}
     kernels = {}
@@ -365,7 +368,7 @@ def dense_route(model: nn.Module, tokens: Tensor, names: Sequence[str]) -> dict[
         name = by_state[state]
 
         def one(w: Tensor, tok: Tensor, name: str = name) -> Tensor:
-            return functional_call(model, {**params, name: w}, (tok[None],))[0, -1]
+            return swap.call({**params, name: w}, tok[None])[0, -1]
 
         jac = vmap(jacrev(one), in_dims=(None, 0))(params[name], tokens).flatten(2)  # [N, C, P_i]
         kernels[state] = torch.einsum("ncp,mdp->nmcd", jac, jac)

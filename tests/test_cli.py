@@ -49,7 +49,7 @@ def test_analyse_prints_completeness_and_ranking_and_writes_the_report(run_dir, 
         assert re.search(rf"^  {order} +{value:.4g}\b", out, re.M), (order, value, out)
     analysis = json.loads((run_dir / cli.ANALYSIS_FILE).read_text())
     assert analysis["order"] == "nlo" and analysis["group"] == "neuron"
-    assert analysis["ranking"][0]["id"] in out and analysis["ranking"][0]["rank"] == 0
+    assert analysis["ranking"][0]["id"] in out and analysis["ranking"][0]["rank"] == 1
     assert report.is_file() and "plotly-graph-div" in report.read_text()
     assert f"report: {report}" in out
 

@@ -279,10 +279,10 @@ def test_table_rows_records_printing_and_top(mlp_feats):
     assert len(full) == feats.n_features and len(top) == 5
     assert list(top.ids) == list(full.ids[:5]) and torch.equal(top.scores, full.scores[:5])
     row = full[0]
-    assert row.rank == 0 and row.id == full.ids[0] and row.score == float(full.scores[0])
+    assert row.rank == 1 and row.id == full.ids[0] and row.score == float(full.scores[0])
     assert full[-1].id == full.ids[len(full) - 1]
     records = top.to_records()
-    assert records[2] == {"rank": 2, "id": top.ids[2], "score": float(top.scores[2]), "size": 1}
+    assert records[2] == {"rank": 3, "id": top.ids[2], "score": float(top.scores[2]), "size": 1}
     text = str(rank(feats, group="neuron"))
     assert "by='contribution'" in text and "0.weight[" in text and "size" in text
     assert "more" in str(full)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 # Largest intermediate (elements) a Gram chunk may allocate.
-_GRAM_CHUNK_ELEMENTS = 1 << 25
+_GRAM_CHUNK_ELEMENTS = 1 << 21
 
 
 @dataclass
@@ -111,18 +111,22 @@ class LowRankFactor:
             out += uu.reshape(-1, d0).T @ vv.reshape(-1, d1)
         return out.reshape(-1)
 
-    def gram(self, other: LowRankFactor) -> Tensor:
-        """``[N, K, M, K']``: ``⟨G[n, k], G'[m, l]⟩ = Σ_{r,s} (u·u')(v·v')``, chunked over n."""
+    def gram(self, other: LowRankFactor, out: Tensor) -> Tensor:
+        """Adds ``⟨G[n, k], G'[m, l]⟩ = Σ_{r,s} (u·u')(v·v')`` to ``out [N, K, M, K']``, chunked over n."""
         n, m = self.n_examples, other.n_examples
         per_row = self.n_outputs * self.rank * m * other.n_outputs * other.rank
         step = max(1, _GRAM_CHUNK_ELEMENTS // max(1, per_row))
-        parts = []
         for s in range(0, n, step):
             uu = torch.einsum("nkri,mlsi->nkrmls", self.u[s : s + step], other.u)
             vv = torch.einsum("nkrj,mlsj->nkrmls", self.v[s : s + step], other.v)
-            parts.append((uu * vv).sum(dim=(2, 5)))
-        out = torch.cat(parts)
-        return out.expand(n, self.n_outputs, m, other.n_outputs)
+            if uu.shape == torch.broadcast_shapes(uu.shape, vv.shape):
+                prod = uu.mul_(vv)
+            elif vv.shape == torch.broadcast_shapes(uu.shape, vv.shape):
+                prod = vv.mul_(uu)
+            else:
+                prod = uu * vv
+            out[s : s + step] += prod.sum(dim=(2, 5))
+        return out
 
     @staticmethod
     def cat_rank(factors: list[LowRankFactor]) -> LowRankFactor:
@@ -189,20 +193,36 @@ class DenseFactor:
             sq = sq * weights[:, :, None]
         return sq.sum(dim=(0, 1))
 
-    def gram(self, other: DenseFactor) -> Tensor:
+    def gram(self, other: DenseFactor, out: Tensor) -> Tensor:
+        """Adds ``⟨g[n, k], g'[m, l]⟩`` to ``out [N, K, M, K']`` (one matmul)."""
         n, k, p = self.g.shape
         m, l, _ = other.g.shape
-        return (self.g.reshape(n * k, p) @ other.g.reshape(m * l, p).T).reshape(n, k, m, l)
+        flat = out.view(n * k, m * l)
+        flat.addmm_(self.g.reshape(n * k, p), other.g.reshape(m * l, p).T)
+        return out
 
 
 Factor = LowRankFactor | DenseFactor
 
 
-def factor_gram(a: Factor, b: Factor) -> Tensor:
-    """``[N, K, M, K']`` inner products of the per-example gradients of one parameter in two factors."""
+def factor_gram(a: Factor, b: Factor, out: Tensor | None = None) -> Tensor:
+    """``[N, K, M, K']`` inner products of the per-example gradients of one parameter in two factors.
+
+    With `out` (contiguous ``[N, K, M, K']``) they are added to it in place, with no temporary of that size.
+    """
+    if out is None:
+        out = torch.zeros(a.n_examples, a.n_outputs, b.n_examples, b.n_outputs, dtype=_dtype(a), device=_device(a))
     if isinstance(a, LowRankFactor) and isinstance(b, LowRankFactor):
-        return a.gram(b)
-    return a.to_dense().gram(b.to_dense())
+        return a.gram(b, out)
+    return a.to_dense().gram(b.to_dense(), out)
+
+
+def _dtype(f: Factor) -> torch.dtype:
+    return f.u.dtype if isinstance(f, LowRankFactor) else f.g.dtype
+
+
+def _device(f: Factor) -> torch.device:
+    return f.u.device if isinstance(f, LowRankFactor) else f.g.device
 
 
 def cat_examples(factors: list[Factor]) -> Factor:

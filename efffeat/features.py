@@ -224,7 +224,7 @@ class EffectiveFeatures:
         )
         out = torch.zeros(n, k, m, l, dtype=self.dtype, device=self.device)
         for name in names:
-            out += factor_gram(self.factors[name], other.factors[name])
+            factor_gram(self.factors[name], other.factors[name], out)
         return out[:, 0, :, 0] if self.scalar and other.scalar else out
 
     def param_names(self, params: Sequence[str] | str | None = None) -> list[str]:

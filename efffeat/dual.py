@@ -117,7 +117,13 @@ class DualModel:
         if dtype is not None:
             if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
                 raise ConfigError(f"dtype must be a floating torch.dtype such as torch.float64, got {dtype!r}")
-            model = copy.deepcopy(model).to(dtype)
+            try:
+                model = copy.deepcopy(model).to(dtype)
+            except RuntimeError as e:  # e.g. a module caching a tensor of an earlier autograd graph
+                raise UnsupportedModelError(
+                    f"cannot copy the model to compute in {dtype} ({e}); cast it yourself with "
+                    f"model.to({dtype}) and pass dtype=None"
+                ) from e
         params = dict(model.named_parameters())
         if not params:
             raise UnsupportedModelError("the model has no parameters, so it has no features")

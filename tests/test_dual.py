@@ -123,3 +123,12 @@ def test_float64_copy_and_readout_with_targets():
     assert feats.dtype == F64 and feats.scalar and feats.dense().shape == (10, dual.n_features)
     assert next(model.parameters()).dtype == torch.float32  # the user's model is not cast
     assert torch.allclose(feats.z_trained[:, 0], model(x).gather(1, y[:, None])[:, 0].double(), atol=1e-6)
+
+
+def test_a_model_that_cannot_be_copied_for_another_dtype_gets_a_clear_error():
+    model = mlp(3, (4,), 1)
+    init = perturbed(model, 0.1)
+    model.cache = torch.ones(2, requires_grad=True) * 2  # a non-leaf tensor kept from some earlier graph
+    with pytest.raises(ef.UnsupportedModelError, match=r"model.to\(torch.float64\)"):
+        ef.DualModel(model, init, dtype=F64)
+    assert ef.DualModel(model, init).dtype == torch.float32

@@ -207,11 +207,15 @@ class DualModel:
         check_finite_inputs(batch, offset)
         return batch
 
-    def _batches(self, data: Any, batch_size: int, desc: str):
+    def _batches(self, data: Any, batch_size: int, desc: str, progress: bool | None = None):
         batches = as_batches(data, batch_size)
         offset = 0
         for batch in tqdm(
-            batches, total=batches.n_batches, desc=desc, disable=None if self.progress else True, leave=False
+            batches,
+            total=batches.n_batches,
+            desc=desc,
+            disable=None if (self.progress if progress is None else progress) else True,
+            leave=False,
         ):
             batch = self._prepare(batch, offset)
             n = batch_inputs(batch).shape[0]
@@ -242,8 +246,13 @@ class DualModel:
         """
         return EffectiveFeatures.concat(list(self.iter_features(data, batch_size, order)))
 
-    def iter_features(self, data: Any, batch_size: int = 256, order: str | None = None) -> Iterator[EffectiveFeatures]:
-        """The effective features of `data` one batch at a time (for streaming work such as top-k search)."""
+    def iter_features(
+        self, data: Any, batch_size: int = 256, order: str | None = None, progress: bool | None = None
+    ) -> Iterator[EffectiveFeatures]:
+        """The effective features of `data` one batch at a time (for streaming work such as top-k search).
+
+        progress: overrides the model's progress setting for this pass.
+        """
         order = _check_order(order or self.order)
         meta = {
             "nodes": self.nodes,
@@ -252,7 +261,7 @@ class DualModel:
         }
         # the readout at the first evaluation point comes with the capture; the others take one forward each
         captured = {"init": "init", "nlo": "init", "trained": "trained"}.get(order)
-        for batch in self._batches(data, batch_size, f"features ({order})"):
+        for batch in self._batches(data, batch_size, f"features ({order})", progress):
             z = self._readouts(batch, tuple(p for p in ("init", "trained") if p != captured))
             layers, fallback = self._ensure_plan(batch)
             factors, z_first = self._batch_factors(batch, layers, fallback, order)

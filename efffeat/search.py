@@ -21,7 +21,6 @@ factors restricted to the rows and columns the weights touch.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -196,14 +195,10 @@ def max_activating(
     known = batches.n_examples
     if known is not None and dual.readout.scalar and k > known:
         raise DataError(f"k={k} is larger than the data ({known} examples); pass k ≤ {known}")
-    source = dual
-    if not progress:
-        source = copy.copy(dual)
-        source.progress = False
     best_values: Tensor | None = None
     best_pairs: Tensor | None = None
     offset, n_outputs, scalar = 0, 1, True
-    for feats in source.iter_features(data, batch_size):
+    for feats in dual.iter_features(data, batch_size, progress=progress):
         n = feats.n_examples
         n_outputs, scalar = feats.n_outputs, feats.scalar
         values = _evaluate(labels, [fn for _, fn in resolved], feats).reshape(

@@ -377,11 +377,18 @@ def dense_route(model: nn.Module, tokens: Tensor, names: Sequence[str]) -> dict[
 
 
 def exp_transformer(
-    quick: bool, orders: Sequence[str], epochs: int | None = None, progress: bool = True, cache: str | None = None
+    quick: bool,
+    orders: Sequence[str],
+    epochs: int | None = None,
+    progress: bool = True,
+    cache: str | None = None,
+    seed: int | None = None,
 ) -> None:
     s = QUICK_TRANSFORMER if quick else TransformerSettings()
     if epochs is not None:
         s = replace(s, epochs=epochs)
+    if seed is not None:
+        s = replace(s, seed=seed)
     t0 = time.perf_counter()
     path = None if cache is None else Path(cache) / f"transformer_p{s.p}_e{s.epochs}_s{s.seed}.pt"
     if path is not None and path.exists():
@@ -599,6 +606,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--orders", default=",".join(ORDERS), help="effective-kernel orders, comma-separated (--quick: trained,nlo)"
     )
     parser.add_argument("--epochs", type=int, default=None, help="transformer epochs (default 4000)")
+    parser.add_argument("--seed", type=int, default=None, help="transformer seed (default 0)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--cache", default=None, help="folder to keep the trained transformer in (reused if present)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy machine)")
@@ -616,7 +624,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             run = EXPERIMENTS[name](args.quick, orders, run)
         elif name == "transformer":
             progress = not args.no_progress and not args.quick
-            exp_transformer(args.quick, orders, args.epochs, progress=progress, cache=args.cache)
+            exp_transformer(args.quick, orders, args.epochs, progress=progress, cache=args.cache, seed=args.seed)
         else:
             exp_tms(args.quick, orders)
         print(f"\n[{name}: {time.perf_counter() - start:.1f} s]")

@@ -244,7 +244,7 @@ class DualModel:
 
         order: overrides the model's order for this call.
         """
-        return EffectiveFeatures.concat(list(self.iter_features(data, batch_size, order)))
+        return EffectiveFeatures.concat(list(self.iter_features(data, batch_size, order)), consume=True)
 
     def iter_features(
         self, data: Any, batch_size: int = 256, order: str | None = None, progress: bool | None = None

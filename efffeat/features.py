@@ -43,13 +43,23 @@ class EffectiveFeatures:
     meta: dict = field(default_factory=dict)
 
     @staticmethod
-    def concat(parts: list[EffectiveFeatures]) -> EffectiveFeatures:
-        """The features of several batches of examples (same model, order and readout) as one store."""
+    def concat(parts: list[EffectiveFeatures], consume: bool = False) -> EffectiveFeatures:
+        """The features of several batches of examples (same model, order and readout) as one store.
+
+        consume: empty each part's factors as soon as they are joined, so that memory peaks at the store plus one
+        parameter tensor's factors rather than twice the store (the parts are unusable afterwards).
+        """
         if len(parts) == 1:
             return parts[0]
         first = parts[0]
+        factors = {}
+        for name in list(first.factors):
+            factors[name] = cat_examples([p.factors[name] for p in parts])
+            if consume:
+                for p in parts:
+                    del p.factors[name]
         return EffectiveFeatures(
-            {name: cat_examples([p.factors[name] for p in parts]) for name in first.factors},
+            factors,
             first.ids,
             first.delta,
             torch.cat([p.z_init for p in parts]),

@@ -34,11 +34,12 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, jvp, vmap
+from torch.func import jvp, vmap
 from tqdm.auto import tqdm
 
 from ._data import as_batches, batch_to
 from ._memory import check_fits
+from ._swap import ParameterSwap
 from .dual import DualModel, init_parameters
 from .errors import ConfigError, DataError, NonFiniteError
 from .features import EffectiveFeatures
@@ -300,7 +301,7 @@ def _dntk(dual: DualModel, x: Tensor, x2: Tensor | None, progress: bool) -> Tens
     theta = dual.theta_init
 
     def z(p: dict[str, Tensor]) -> Tensor:
-        return dual.readout(functional_call(dual.model, p, (x,)), x)  # [M, K]
+        return dual.readout(dual.call(p, x), x)  # [M, K]
 
     out = torch.zeros(m, kk, m, kk, n, kk, dtype=dual.dtype, device=dual.device)
     with torch.no_grad():
@@ -563,6 +564,7 @@ class TaylorizedModel(nn.Module):
             for n, p in network.named_parameters():
                 p.copy_(theta0[n])
         self.network = network
+        self._swap = ParameterSwap(network)
         self.order = order
         self._taylor_mode = _taylor_mode_supported(network)
         self._names = list(theta0)
@@ -589,7 +591,7 @@ class TaylorizedModel(nn.Module):
         delta = {n: p - theta0[n] for n, p in self.network.named_parameters()}
         if self._taylor_mode:
             return sum(_taylor_coefficients(self.network, x, theta0, delta, self.order))
-        terms = _directional_derivatives(lambda p: functional_call(self.network, p, (x,)), theta0, delta, self.order)
+        terms = _directional_derivatives(lambda p: self._swap.call(p, x), theta0, delta, self.order)
         return sum(t / math.factorial(j) for j, t in enumerate(terms))
 
     def predict(self, x: Tensor) -> Tensor:

@@ -102,3 +102,21 @@ def init_params(model: nn.Module, init_state: dict[str, torch.Tensor]) -> dict[s
     """θ0 by named_parameters name, from a state_dict."""
     by_id = {id(v): k for k, v in model.state_dict(keep_vars=True).items()}
     return {n: init_state[by_id[id(p)]].to(p.dtype) for n, p in model.named_parameters()}
+
+
+def trained_digits_mlp(n: int, act: type[nn.Module], steps: int, dtype: torch.dtype = torch.float32):
+    """A 64-8-10 MLP trained briefly on the first `n` scikit-learn digits: (model, init state, x, y)."""
+    from sklearn.datasets import load_digits
+
+    torch.manual_seed(0)
+    d = load_digits()
+    x = torch.tensor(d.data[:n], dtype=dtype) / 16
+    y = torch.tensor(d.target[:n])
+    model = nn.Sequential(nn.Linear(64, 8), act(), nn.Linear(8, 10)).to(dtype)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.Adam(model.parameters(), lr=2e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model, init, x, y

@@ -11,13 +11,13 @@ import zlib
 
 import numpy as np
 import pytest
-import torch
-from sklearn.datasets import load_digits
+from _models import trained_digits_mlp
 from torch import nn
 
 import efffeat as ef
 from efffeat import viz
 from efffeat.viz._chromium import find_chromium, render
+from efffeat.zoo.digits import correct_logit
 
 CHROMIUM = find_chromium()
 pytestmark = pytest.mark.skipif(
@@ -80,23 +80,9 @@ def drawn_fraction(pixels: np.ndarray) -> float:
     return float((pixels[..., :3] < 250).any(axis=-1).mean())
 
 
-def correct_logit(out, batch):
-    return out.gather(1, batch[1][:, None])[:, 0]
-
-
 @pytest.fixture(scope="module")
 def report_path(tmp_path_factory):
-    torch.manual_seed(0)
-    d = load_digits()
-    x = torch.tensor(d.data[:80], dtype=torch.float32) / 16
-    y = torch.tensor(d.target[:80])
-    model = nn.Sequential(nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 10))
-    init = {k: v.clone() for k, v in model.state_dict().items()}
-    opt = torch.optim.Adam(model.parameters(), lr=2e-2)
-    for _ in range(20):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
+    model, init, x, y = trained_digits_mlp(80, nn.ReLU, steps=20)
     dual = ef.DualModel(model, init=init, readout=correct_logit, progress=False)
     comparison = [{"method": "effective", "purity": 0.9}, {"method": "neurons", "purity": 0.6}]
     path = tmp_path_factory.mktemp("report") / "report.html"

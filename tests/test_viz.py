@@ -11,8 +11,8 @@ import numpy as np
 import plotly.graph_objects as go
 import pytest
 import torch
+from _models import trained_digits_mlp
 from plotly.offline import get_plotlyjs
-from sklearn.datasets import load_digits
 from torch import nn
 
 import efffeat as ef
@@ -21,28 +21,15 @@ from efffeat.baselines import neurons
 from efffeat.kernels import eigenfeatures
 from efffeat.ranking import rank
 from efffeat.spectral import eigenmodes
+from efffeat.zoo.digits import correct_logit
 
 F64 = torch.float64
-
-
-def correct_logit(out, batch):
-    return out.gather(1, batch[1][:, None])[:, 0]
 
 
 @pytest.fixture(scope="module")
 def digits():
     """A 64-8-10 MLP briefly trained on 120 digits (float64), its θ0, and the data."""
-    torch.manual_seed(0)
-    d = load_digits()
-    x = torch.tensor(d.data[:120], dtype=F64) / 16
-    y = torch.tensor(d.target[:120])
-    model = nn.Sequential(nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 10)).to(F64)
-    init = {k: v.clone() for k, v in model.state_dict().items()}
-    opt = torch.optim.Adam(model.parameters(), lr=2e-2)
-    for _ in range(30):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
+    model, init, x, y = trained_digits_mlp(120, nn.Tanh, steps=30, dtype=F64)
     dual = ef.DualModel(model, init=init, readout=correct_logit, order="trained", progress=False)
     feats = dual.features((x, y))
     return SimpleNamespace(model=model, init=init, x=x, y=y, data=(x, y), dual=dual, feats=feats)

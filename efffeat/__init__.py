@@ -4,13 +4,19 @@ A trained network is, to next-to-leading order in 1/width, a linear regression o
 per-parameter gradient features corrected by second-derivative meta-features (Roberts, Yaida & Hanin,
 *The Principles of Deep Learning Theory*). efffeat extracts them with hooks in factored form, builds the
 dual regression model ``f(x; θ*) = f(x; θ0) + Σ_μ Δθ_μ φ^E_μ(x)`` and ranks, searches and visualises them.
+
+``import efffeat`` loads the engine only; the parts that need plotly, scipy, scikit-learn or TransformerLens
+(`viz`, `report`, `baselines`, `compare`, `theory`, `zoo`, `distributed`) load on first use.
 """
 
 from __future__ import annotations
 
-from . import baselines, distributed, io, metrics, spectral, theory, viz, zoo
-from .capture import FallbackWarning
-from .compare import ComparisonTable, compare
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from . import groups, ids, io, spectra
+from ._version import __version__
+from .analysis import Analysis, analyse
 from .dual import ORDERS, DualModel
 from .errors import (
     ConfigError,
@@ -28,24 +34,53 @@ from .factors import DenseFactor, LowRankFactor
 from .features import EffectiveFeatures
 from .ids import FeatureIds
 from .io import load, save
-from .kernels import Eigenfeatures, eigenfeatures
 from .nn import TransposedLinear
-from .ranking import FeatureTable, rank
+from .ranking import Criterion, FeatureTable, rank, register_criterion
 from .readout import Readout
+from .rules import FallbackWarning, Rule, register_rule
 from .search import TopK, max_activating, synthesize
-from .viz import report
+from .spectra import Spectrum, eigenfeatures
 
-__version__ = "0.1.0"
+if TYPE_CHECKING:
+    from . import baselines, distributed, metrics, theory, viz, zoo
+    from .baselines.compare import ComparisonTable, compare
+    from .viz import report
+
+# name -> (module, attribute or None for the module itself), imported on first access
+_LAZY: dict[str, tuple[str, str | None]] = {
+    "baselines": (".baselines", None),
+    "distributed": (".distributed", None),
+    "metrics": (".baselines.metrics", None),
+    "theory": (".theory", None),
+    "viz": (".viz", None),
+    "zoo": (".zoo", None),
+    "compare": (".baselines.compare", "compare"),
+    "ComparisonTable": (".baselines.compare", "ComparisonTable"),
+    "report": (".viz", "report"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'efffeat' has no attribute {name!r}")
+    module, attr = _LAZY[name]
+    loaded = importlib.import_module(module, __name__)
+    value = loaded if attr is None else getattr(loaded, attr)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
+    "ORDERS",
+    "Analysis",
     "ComparisonTable",
     "ConfigError",
+    "Criterion",
     "DataError",
     "DenseFactor",
     "DualModel",
     "EffectiveFeatures",
     "EfffeatError",
-    "Eigenfeatures",
     "FallbackWarning",
     "FeatureIdError",
     "FeatureIds",
@@ -54,25 +89,32 @@ __all__ = [
     "LowRankFactor",
     "MemoryBudgetError",
     "NonFiniteError",
-    "ORDERS",
     "Readout",
     "ReadoutError",
+    "Rule",
     "SaveFileError",
+    "Spectrum",
     "TopK",
     "TransposedLinear",
     "UnsupportedModelError",
+    "__version__",
+    "analyse",
     "baselines",
     "compare",
     "distributed",
     "eigenfeatures",
+    "groups",
+    "ids",
     "io",
     "load",
     "max_activating",
     "metrics",
     "rank",
+    "register_criterion",
+    "register_rule",
     "report",
     "save",
-    "spectral",
+    "spectra",
     "synthesize",
     "theory",
     "viz",

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -65,14 +64,10 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_analyse(args: argparse.Namespace) -> None:
-    from .dual import ORDERS
-    from .ranking import rank
-
     run = _load_run(args.dir)
-    dual, data = _dual(run, args.order, args.max_examples)
-    feats = dual.features(data)
-    completeness = {o: dual.completeness(data, order=o) for o in ORDERS}
-    table = rank(feats, by=args.by, group=args.group)
+    an = _analysis(run, args.order, args.max_examples, args.by, args.group)
+    dual, feats, table = an.dual, an.features, an.table
+    completeness = an.completeness_by_order()
     print(f"{run.kind}: {dual.n_features:,} parameters, {feats.n_examples:,} examples, readout {dual.readout.name}")
     print("completeness residual of the dual model (0 = exact):")
     for o, c in completeness.items():
@@ -89,7 +84,7 @@ def cmd_analyse(args: argparse.Namespace) -> None:
     }
     _write_json(Path(args.dir) / ANALYSIS_FILE, analysis)
     if args.report:
-        path = _write_report(run, dual, data, Path(args.report), features=feats, table=table, top=args.dashboards)
+        path = _write_report(run, an, Path(args.report), top=args.dashboards)
         print(f"report: {path}")
 
 
@@ -110,7 +105,7 @@ def cmd_search(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from .compare import compare
+    from .baselines.compare import compare
 
     run = _load_run(args.dir)
     table = compare(run, methods=tuple(args.methods)) if args.methods else compare(run)
@@ -123,20 +118,11 @@ def cmd_report(args: argparse.Namespace) -> None:
     run = _load_run(args.dir)
     settings = _analysis_settings(args.dir)
     order = args.order or settings.get("order", "nlo")
-    dual, data = _dual(run, order, args.max_examples)
+    an = _analysis(run, order, args.max_examples, settings.get("by", "contribution"), settings.get("group", "neuron"))
     comparison_path = Path(args.dir) / COMPARISON_FILE
     comparison = json.loads(comparison_path.read_text()) if comparison_path.is_file() else None
     out = Path(args.out) if args.out else Path(args.dir) / REPORT_FILE
-    path = _write_report(
-        run,
-        dual,
-        data,
-        out,
-        by=settings.get("by", "contribution"),
-        group=settings.get("group", "neuron"),
-        comparison=comparison,
-        top=args.dashboards,
-    )
+    path = _write_report(run, an, out, comparison=comparison, top=args.dashboards)
     print(f"report: {path}")
 
 
@@ -166,7 +152,15 @@ def _dual(run: Any, order: str, max_examples: int) -> tuple[Any, Any]:
     return DualModel(run.model, init=run.init_state, readout=run.readout, order=order), data
 
 
-def _write_report(run: Any, dual: Any, data: Any, path: Path, **options: Any) -> Path:
+def _analysis(run: Any, order: str, max_examples: int, by: str, group: str) -> Any:
+    """The `Analysis` of a run's first `max_examples` examples at `order`, ranked `by` / `group`."""
+    from .analysis import Analysis
+
+    dual, data = _dual(run, order, max_examples)
+    return Analysis(dual, data, by=by, group=group)
+
+
+def _write_report(run: Any, an: Any, path: Path, **options: Any) -> Path:
     from . import viz
 
     extra = {}
@@ -175,8 +169,7 @@ def _write_report(run: Any, dual: Any, data: Any, path: Path, **options: Any) ->
     if run.kind == "modular_addition":
         extra["Fourier view of the embedding"] = viz.fourier(run)
     return viz.report(
-        dual,
-        data,
+        an,
         path,
         figures_extra=extra,
         dashboard_options=_dashboard_options(run),
@@ -202,10 +195,9 @@ def _analysis_settings(directory: str) -> dict[str, Any]:
 
 
 def _write_json(path: Path, obj: Any) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    from ._atomic import write_text_atomic
+
+    return write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _label(t: Any) -> str:

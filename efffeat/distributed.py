@@ -38,9 +38,10 @@ import torch
 import torch.distributed as td
 from torch import Tensor
 
+from ._check import positive_int
 from .dual import DualModel
 from .errors import ConfigError, DataError
-from .factors import DenseFactor, Factor, LowRankFactor, cat_examples
+from .factors import gather_examples
 from .features import EffectiveFeatures
 
 # Bytes of kernel rows `kernel_to_disk` computes at once when no block size is given.
@@ -229,24 +230,19 @@ def _gather_varying(t: Tensor, dst: int) -> list[Tensor] | None:
     return _trimmed(out, shapes)
 
 
-def _gather_factor(f: Factor) -> Factor:
-    dense = isinstance(f, DenseFactor)
-    if _collective():  # one dense shard makes every shard dense
-        flag = torch.tensor(int(dense), device=f.u.device if not dense else f.g.device)
-        td.all_reduce(flag, op=td.ReduceOp.MAX)
-        dense = bool(flag)
-    if dense:
-        return DenseFactor(torch.cat(_all_gather_varying(f.to_dense().g)))
-    assert isinstance(f, LowRankFactor)
-    us, vs = _all_gather_varying(f.u), _all_gather_varying(f.v)
-    return cat_examples([LowRankFactor(u, v) for u, v in zip(us, vs)])
+def _any_true(flag: bool) -> bool:
+    if not _collective():
+        return flag
+    t = torch.tensor(int(flag), device=_device())
+    td.all_reduce(t, op=td.ReduceOp.MAX)
+    return bool(t)
 
 
 def gather_features(feats: EffectiveFeatures) -> EffectiveFeatures:
     """The features of every rank's examples, concatenated in rank order, on every rank."""
     if not _collective():
         return feats
-    factors = {name: _gather_factor(f) for name, f in feats.factors.items()}
+    factors = {name: gather_examples(f, _all_gather_varying, _any_true) for name, f in feats.factors.items()}
     z_init = torch.cat(_all_gather_varying(feats.z_init))
     z_trained = torch.cat(_all_gather_varying(feats.z_trained))
     return EffectiveFeatures(
@@ -275,8 +271,7 @@ def merge_topk(values: Tensor, indices: Tensor, k: int, largest: bool = True) ->
     Ties go to the smaller example index, so merging per-shard top-k lists gives exactly the top-k of the
     whole dataset. Returns ``(values [min(k, m), ...], indices [min(k, m), ...])`` sorted best first.
     """
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ConfigError(f"k must be a positive integer, got {k!r}")
+    positive_int("k", k)
     if indices.shape != values.shape:
         indices = indices.reshape(indices.shape + (1,) * (values.ndim - indices.ndim)).expand(values.shape)
     by_index = torch.sort(indices, dim=0, stable=True).indices
@@ -344,8 +339,7 @@ def kernel_to_disk(
     row_bytes = int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
     if block is None:
         block = max(1, _BLOCK_BYTES // row_bytes)
-    if not isinstance(block, int) or isinstance(block, bool) or block < 1:
-        raise ConfigError(f"block must be a positive number of rows, got {block!r}")
+    positive_int("block", block)
     path = Path(path)
     partial = path.with_name(f".{path.name}.partial")
     if world()[0] == 0:

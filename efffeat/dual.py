@@ -28,13 +28,7 @@ from tqdm.auto import tqdm
 
 from ._data import as_batches, batch_inputs, batch_to, check_finite_inputs, slice_batch
 from ._swap import ParameterSwap
-from .capture import (
-    capture_batch,
-    fallback_factors,
-    hooked_layers,
-    sum_factors,
-    warn_fallback,
-)
+from .capture import Support, capture_batch, hooked_layers, support
 from .errors import (
     ConfigError,
     DataError,
@@ -44,12 +38,14 @@ from .errors import (
     ReadoutError,
     UnsupportedModelError,
 )
-from .factors import DenseFactor, Factor, LowRankFactor, compact
+from .factors import DenseFactor, Factor, compact, sum_factors
 from .features import EffectiveFeatures
 from .ids import FeatureIds, ParamSlot
 from .readout import Readout, ReadoutSpec
+from .rules import describe, fallback_factors, warn_fallback
 
 ORDERS = ("init", "nlo", "trained", "path")
+FAIL_MODES = ("fallback", "error")
 
 # Modules whose train-mode forward is random or couples the examples of a batch.
 _STOCHASTIC = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
@@ -89,6 +85,9 @@ class DualModel:
         dtype: compute in this dtype (e.g. ``torch.float64`` for validation) on a copy of the model.
         progress: tqdm progress bars over batches.
         fallback_chunk: examples per ``torch.func`` Jacobian chunk for parameters without a factored rule.
+        fail_mode: ``"fallback"`` computes parameters no rule covers by exact per-example Jacobians (with a
+            `FallbackWarning` naming the modules); ``"error"`` refuses them with `UnsupportedModelError`.
+            `DualModel.supported(model)` lists, before any run, which parameters are factored.
 
     Example::
 
@@ -107,10 +106,13 @@ class DualModel:
         dtype: torch.dtype | None = None,
         progress: bool = True,
         fallback_chunk: int = 32,
+        fail_mode: str = "fallback",
     ):
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         _check_order(order)
+        if fail_mode not in FAIL_MODES:
+            raise ConfigError(f"fail_mode must be one of {', '.join(repr(m) for m in FAIL_MODES)}, got {fail_mode!r}")
         if not isinstance(nodes, int) or isinstance(nodes, bool) or nodes < 1:
             raise ConfigError(f"nodes must be a positive integer (Gauss–Legendre nodes), got {nodes!r}")
         _check_deterministic(model)
@@ -133,6 +135,7 @@ class DualModel:
         self.nodes = nodes
         self.progress = progress
         self.fallback_chunk = fallback_chunk
+        self.fail_mode = fail_mode
         self.readout = Readout(readout)
         self.state_names = state_names(model)
         self.theta_trained = {n: p.detach() for n, p in params.items()}
@@ -146,6 +149,17 @@ class DualModel:
             offset += p.numel()
         self.ids = FeatureIds(slots)
         self._plan: tuple[list, list[str]] | None = None
+
+    @staticmethod
+    def supported(model: nn.Module) -> Support:
+        """Which of `model`'s parameters a factored rule covers and which the exact fallback would compute.
+
+        Nothing runs; the first batch of a run may still move a parameter used outside its own module to the
+        fallback (see `Support`).
+        """
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        return support(model)
 
     # ---- properties ------------------------------------------------------------------------------------
     @property
@@ -171,6 +185,10 @@ class DualModel:
             f"DualModel({type(self.model).__name__}, order={self.order!r}, readout={self.readout.name!r}, "
             f"P={self.n_features:,}, |Δθ|={self.delta_norm():.4g})"
         )
+
+    def flat_delta(self) -> Tensor:
+        """``[P]`` Δθ in feature order."""
+        return torch.cat([self.delta[s.name].reshape(-1) for s in self.ids.slots])
 
     def delta_norm(self) -> float:
         return float(math.sqrt(sum(float(d.square().sum()) for d in self.delta.values())))
@@ -285,7 +303,7 @@ class DualModel:
             if fallback:
                 found.update(self._fallback(fallback, params, batch, tangent))
             for name, f in found.items():
-                acc.setdefault(name, []).append(_scaled(f, weight))
+                acc.setdefault(name, []).append(f.scaled(weight))
         assert first is not None
         return {name: compact(sum_factors(fs)) for name, fs in acc.items()}, first
 
@@ -297,8 +315,8 @@ class DualModel:
         except Exception as e:
             raise UnsupportedModelError(
                 f"no factored rule covers {', '.join(names)} and the torch.func fallback failed on them "
-                f"({type(e).__name__}: {e}); register the layer as nn.Linear/nn.Embedding/nn.LayerNorm or "
-                "make its forward functional (no in-place parameter updates, no .item())"
+                f"({type(e).__name__}: {e}); register a rule for the module with @ef.register_rule(ModuleType), "
+                "or make its forward functional (no in-place parameter updates, no .item())"
             ) from e
 
     def _ensure_plan(self, batch: Any) -> tuple[list, list[str]]:
@@ -333,6 +351,16 @@ class DualModel:
             if float((got - want).norm()) > rtol * (float(want.norm()) + float(got.norm()) + total) + 1e-30:
                 mismatched.append(name)
         unclaimed = [n for n in self.theta_trained if n not in cap.factors and n not in mismatched]
+        if self.fail_mode == "error" and (unclaimed or mismatched):
+            parts = []
+            if unclaimed:
+                parts.append(f"no factored rule covers {describe(self.model, unclaimed)}")
+            if mismatched:
+                parts.append(f"parameters used outside the layer that holds them: {describe(self.model, mismatched)}")
+            raise UnsupportedModelError(
+                f"{'; '.join(parts)} (fail_mode='error'); register a rule with @ef.register_rule(ModuleType), "
+                "or pass fail_mode='fallback' for exact per-example Jacobians"
+            )
         if unclaimed:
             warn_fallback(self.model, unclaimed, "no factored rule")
         if mismatched:
@@ -396,14 +424,6 @@ class DualModel:
             return 0.0 if res2 == 0 else math.inf
         return math.sqrt(res2 / scale2)
 
-    def kernel(self, data: Any, data2: Any = None, batch_size: int = 256, params=None) -> Tensor:
-        """The effective kernel of the model's order: ``[N, M]`` (scalar readout) or ``[N, K, M, K]``.
-
-        params: restrict to these parameter tensors (layerwise kernel).
-        """
-        f1 = self.features(data, batch_size)
-        f2 = None if data2 is None else self.features(data2, batch_size)
-        return f1.kernel(f2, params=params)
 
 
 def _finite_readout(z: Tensor, point: str) -> Tensor:
@@ -420,13 +440,6 @@ def _finite_readout(z: Tensor, point: str) -> Tensor:
 def _squeeze(t: Tensor, scalar: bool | None) -> Tensor:
     return t.squeeze(1) if scalar else t
 
-
-def _scaled(f: Factor, w: float) -> Factor:
-    if w == 1.0:
-        return f
-    if isinstance(f, LowRankFactor):
-        return LowRankFactor(f.u * w, f.v)
-    return DenseFactor(f.g * w)
 
 
 def _check_order(order: str) -> str:

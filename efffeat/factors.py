@@ -1,10 +1,11 @@
-"""Factored per-example gradients of one parameter tensor.
+"""Factored per-example gradients of one parameter tensor, and all the algebra on them.
 
 A dense layer's per-example gradient is an outer product: ``∂z/∂W = δ aᵀ`` (δ the cotangent at the layer
 output, a its input), summed over sequence positions, uses of a tied weight, orders of the expansion and
 quadrature nodes. `LowRankFactor` keeps those outer products as two factor tensors and never builds
-``[N, d_out, d_in]``; `DenseFactor` holds gradients that have no such structure (biases, LayerNorm, the
-``torch.func`` fallback). Both expose the same operations, written as matmuls over the stored tensors.
+``[N, d_out, d_in]``; `DenseFactor` holds gradients that have no such structure (biases, norms, the
+per-example fallback). Both implement the `Factor` interface below, written as matmuls over the stored
+tensors; nothing outside this module needs to know which layout a factor has.
 
 Shapes: N examples, K readout components, R rank terms; a factor's K axis may be 1 when it does not depend
 on the readout component (a layer input is shared by every component) and broadcasts.
@@ -12,17 +13,140 @@ on the readout component (a layer input is shared by every component) and broadc
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 # Largest intermediate (elements) a Gram chunk may allocate.
 _GRAM_CHUNK_ELEMENTS = 1 << 21
 
 
+class Factor(ABC):
+    """Per-example gradients ``G [N, K, numel]`` of one parameter tensor, in some factored layout."""
+
+    @property
+    @abstractmethod
+    def numel(self) -> int:
+        """Entries of the parameter tensor."""
+
+    @property
+    @abstractmethod
+    def n_examples(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def n_outputs(self) -> int:
+        """K (a stored K axis of 1 broadcasts over the readout components)."""
+
+    @property
+    @abstractmethod
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device: ...
+
+    @abstractmethod
+    def rows(self, index: Tensor | slice) -> Factor:
+        """The factor of a subset of the examples."""
+
+    @abstractmethod
+    def to(self, device: torch.device | str) -> Factor: ...
+
+    @abstractmethod
+    def dense(self) -> Tensor:
+        """``[N, K, numel]`` per-example gradients, row-major over the parameter."""
+
+    @abstractmethod
+    def to_dense(self) -> DenseFactor: ...
+
+    @abstractmethod
+    def matvec(self, w: Tensor) -> Tensor:
+        """``[N, K]``: ``⟨G[n, k], w⟩`` for a weight vector ``w [numel]``."""
+
+    @abstractmethod
+    def rmatvec(self, c: Tensor) -> Tensor:
+        """``[numel]``: ``Σ_{n,k} c[n, k] G[n, k]`` for ``c [N, K]``."""
+
+    @abstractmethod
+    def entries(self, flat: Tensor) -> Tensor:
+        """``[N, K, m]``: the gradient entries at row-major positions ``flat [m]``."""
+
+    @abstractmethod
+    def selected(self, sel: Selection) -> Tensor:
+        """``[N, K]``: ``Σ_m w_m G[n, k, flat_m]`` for a sparse weight vector `sel` on this parameter."""
+
+    @abstractmethod
+    def sq_sum(self, weights: Tensor | None = None) -> Tensor:
+        """``[numel]``: ``Σ_{n,k} w[n, k] G[n, k]²`` entrywise (``w [N, K]`` defaults to 1)."""
+
+    @abstractmethod
+    def scaled(self, w: float) -> Factor:
+        """The factor of ``w · G``."""
+
+    @abstractmethod
+    def negated(self) -> Factor:
+        """The factor of ``−G``."""
+
+    @abstractmethod
+    def output_sum(self, c: Tensor) -> Factor:
+        """The factor of ``Σ_k c_k G[n, k]`` (K axis of length 1), in whichever layout is smaller."""
+
+    @abstractmethod
+    def diagonal_gram(self, w: Tensor) -> Tensor:
+        """``[N, N]``: ``Σ_k w_k ⟨G[n, k], G[m, k]⟩`` for ``w [K]``."""
+
+    @abstractmethod
+    def state(self) -> dict[str, Tensor]:
+        """The stored tensors by name (``{"u", "v"}`` or ``{"g"}``); `from_state` inverts it."""
+
+    @abstractmethod
+    def with_tangents(self) -> Factor:
+        """``T + ½ Ṫ`` of a factor whose tensors are forward-mode duals with tangents ``Ṫ`` along Δθ.
+
+        Tensors without a tangent count as constants; plain tensors give the primal factor.
+        """
+
+
+def from_state(tensors: dict[str, Tensor]) -> Factor:
+    """The factor whose `Factor.state` is `tensors`."""
+    if set(tensors) == {"u", "v"}:
+        return LowRankFactor(tensors["u"], tensors["v"])
+    if set(tensors) == {"g"}:
+        return DenseFactor(tensors["g"])
+    raise ValueError(f"a factor's state holds either u and v or g, got {sorted(tensors)}")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A sparse weight vector on one parameter tensor: ``w`` at row-major positions ``flat`` of ``shape``."""
+
+    shape: tuple[int, ...]
+    flat: Tensor  # [m]
+    w: Tensor  # [m]
+
+    @cached_property
+    def block(self) -> tuple[Tensor, Tensor, Tensor]:
+        """For a matrix ``[d0, d1]``: the rows and columns the weights touch, and the weights as a dense block."""
+        d1 = self.shape[1]
+        rows, r_at = torch.unique(self.flat // d1, return_inverse=True)
+        cols, c_at = torch.unique(self.flat % d1, return_inverse=True)
+        block = torch.zeros(len(rows), len(cols), dtype=self.w.dtype).index_put_((r_at, c_at), self.w, accumulate=True)
+        return rows, cols, block
+
+
+def _split_dual(t: Tensor) -> tuple[Tensor, Tensor | None]:
+    primal, tangent = fwAD.unpack_dual(t)
+    return primal.detach(), None if tangent is None else tangent.detach()
+
+
 @dataclass
-class LowRankFactor:
+class LowRankFactor(Factor):
     """Per-example gradient of a matrix parameter ``W [d0, d1]``: ``G[n, k] = Σ_r u[n, k, r] ⊗ v[n, k, r]``.
 
     u: ``[N, Ku, R, d0]``; v: ``[N, Kv, R, d1]`` with Ku, Kv ∈ {1, K}.
@@ -51,6 +175,14 @@ class LowRankFactor:
     def rank(self) -> int:
         return self.u.shape[2]
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.u.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.u.device
+
     def _uv(self) -> tuple[Tensor, Tensor]:
         """u and v with their K axes expanded to a common K (views, no copy)."""
         k = self.n_outputs
@@ -64,7 +196,6 @@ class LowRankFactor:
         return LowRankFactor(self.u.to(device), self.v.to(device))
 
     def dense(self) -> Tensor:
-        """``[N, K, d0 * d1]`` per-example gradients, row-major over ``W``."""
         u, v = self._uv()
         return torch.einsum("nkri,nkrj->nkij", u, v).reshape(u.shape[0], u.shape[1], -1)
 
@@ -72,27 +203,25 @@ class LowRankFactor:
         return DenseFactor(self.dense())
 
     def matvec(self, w: Tensor) -> Tensor:
-        """``[N, K]``: ``⟨G[n, k], W⟩`` for a weight vector ``w [d0 * d1]``."""
         uw = self.u @ w.reshape(self.shape)  # [N, Ku, R, d1]
         return (uw * self.v).sum(dim=(2, 3))
 
     def rmatvec(self, c: Tensor) -> Tensor:
-        """``[d0 * d1]``: ``Σ_{n,k} c[n, k] G[n, k]`` for ``c [N, K]``."""
         u, v = self._uv()
         cu = (u * c[:, :, None, None]).reshape(-1, u.shape[-1])
         return (cu.T @ v.reshape(-1, v.shape[-1])).reshape(-1)
 
     def entries(self, flat: Tensor) -> Tensor:
-        """``[N, K, m]``: the gradient entries at row-major positions ``flat [m]``."""
         i, j = flat // self.shape[1], flat % self.shape[1]
         return (self.u[..., i] * self.v[..., j]).sum(dim=2)
 
-    def sq_sum(self, weights: Tensor | None = None) -> Tensor:
-        """``[d0 * d1]``: ``Σ_{n,k} w[n, k] G[n, k]²`` entrywise (``w`` defaults to 1), without forming G.
+    def selected(self, sel: Selection) -> Tensor:
+        rows, cols, block = sel.block
+        return ((self.u[..., rows] @ block.to(self.u.dtype)) * self.v[..., cols]).sum(dim=(2, 3))
 
-        ``G² = Σ_{r,s} (u_r ⊙ u_s) ⊗ (v_r ⊙ v_s)``, a matmul over the ``(n, k, r, s)`` axis; the side that is
-        shared by every readout component is not repeated K times (the other is summed over k first).
-        """
+    def sq_sum(self, weights: Tensor | None = None) -> Tensor:
+        """``G² = Σ_{r,s} (u_r ⊙ u_s) ⊗ (v_r ⊙ v_s)``, a matmul over the ``(n, k, r, s)`` axis; the side that is
+        shared by every readout component is not repeated K times (the other is summed over k first)."""
         u, v = self.u, self.v
         n, ku, r, d0 = u.shape
         kv, d1 = v.shape[1], v.shape[-1]
@@ -128,6 +257,66 @@ class LowRankFactor:
             out[s : s + step] += prod.sum(dim=(2, 5))
         return out
 
+    def scaled(self, w: float) -> LowRankFactor:
+        return self if w == 1.0 else LowRankFactor(self.u * w, self.v)
+
+    def negated(self) -> LowRankFactor:
+        return LowRankFactor(-self.u, self.v)
+
+    def output_sum(self, c: Tensor) -> Factor:
+        u, v = self.u, self.v
+        ku, kv = u.shape[1], v.shape[1]
+        if ku == 1 and kv == 1:
+            return LowRankFactor(u * c.sum(), v)
+        if kv == 1:
+            return LowRankFactor(torch.einsum("nkrd,k->nrd", u, c)[:, None], v)
+        if ku == 1:
+            return LowRankFactor(u, torch.einsum("nkrd,k->nrd", v, c)[:, None])
+        n, k, r, d0 = u.shape
+        d1 = v.shape[-1]
+        if k * r * (d0 + d1) > d0 * d1:
+            return DenseFactor(torch.einsum("nkri,nkrj,k->nij", u, v, c).reshape(n, 1, d0 * d1))
+        return LowRankFactor((u * c[None, :, None, None]).reshape(n, 1, k * r, d0), v.reshape(n, 1, k * r, d1))
+
+    def diagonal_gram(self, w: Tensor) -> Tensor:
+        """When one factor is shared by every component (``Kv = 1``, a layer input), ``Σ_k (u_k·u'_k)`` is one
+        matmul over the flattened ``(k, d0)`` axis, per pair of rank terms."""
+        s = w.sqrt()
+        u, v = self.u, self.v
+        ku, kv = u.shape[1], v.shape[1]
+        if ku > 1 and kv > 1:
+            out = torch.zeros(u.shape[0], u.shape[0], dtype=u.dtype, device=u.device)
+            for k in range(ku):
+                part = LowRankFactor(u[:, k : k + 1] * s[k], v[:, k : k + 1])
+                out += factor_gram(part, part)[:, 0, :, 0]
+            return out
+        if ku == 1 and kv == 1:
+            return factor_gram(self, self)[:, 0, :, 0] * w.sum()
+        shared, per_k = (v, u) if kv == 1 else (u, v)
+        per_k = per_k * s[None, :, None, None]
+        n, _, r, _ = per_k.shape
+        out = torch.zeros(n, n, dtype=u.dtype, device=u.device)
+        for i in range(r):
+            a_i, b_i = per_k[:, :, i].reshape(n, -1), shared[:, 0, i]
+            for j in range(r):
+                out += (a_i @ per_k[:, :, j].reshape(n, -1).T) * (b_i @ shared[:, 0, j].T)
+        return out
+
+    def state(self) -> dict[str, Tensor]:
+        return {"u": self.u, "v": self.v}
+
+    def with_tangents(self) -> LowRankFactor:
+        u, u_dot = _split_dual(self.u)
+        v, v_dot = _split_dual(self.v)
+        if u_dot is None and v_dot is None:
+            return LowRankFactor(u, v)
+        if u_dot is None:
+            return LowRankFactor(u, v + 0.5 * v_dot)
+        if v_dot is None:
+            return LowRankFactor(u + 0.5 * u_dot, v)
+        # (u + ½u̇) ⊗ v + u ⊗ ½v̇: the rank-2 NLO factor of a dense layer
+        return LowRankFactor.cat_rank([LowRankFactor(u + 0.5 * u_dot, v), LowRankFactor(u, 0.5 * v_dot)])
+
     @staticmethod
     def cat_rank(factors: list[LowRankFactor]) -> LowRankFactor:
         """Sum of factors, stored by concatenating their rank terms."""
@@ -149,7 +338,7 @@ class LowRankFactor:
 
 
 @dataclass
-class DenseFactor:
+class DenseFactor(Factor):
     """Per-example gradients of a parameter as a dense ``g [N, K, numel]`` (row-major)."""
 
     g: Tensor
@@ -165,6 +354,14 @@ class DenseFactor:
     @property
     def n_outputs(self) -> int:
         return self.g.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.g.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.g.device
 
     def rows(self, index: Tensor | slice) -> DenseFactor:
         return DenseFactor(self.g[index])
@@ -187,6 +384,9 @@ class DenseFactor:
     def entries(self, flat: Tensor) -> Tensor:
         return self.g[..., flat]
 
+    def selected(self, sel: Selection) -> Tensor:
+        return self.g[..., sel.flat] @ sel.w.to(self.g.dtype)
+
     def sq_sum(self, weights: Tensor | None = None) -> Tensor:
         sq = self.g.square()
         if weights is not None:
@@ -201,28 +401,55 @@ class DenseFactor:
         flat.addmm_(self.g.reshape(n * k, p), other.g.reshape(m * l, p).T)
         return out
 
+    def scaled(self, w: float) -> DenseFactor:
+        return self if w == 1.0 else DenseFactor(self.g * w)
 
-Factor = LowRankFactor | DenseFactor
+    def negated(self) -> DenseFactor:
+        return DenseFactor(-self.g)
+
+    def output_sum(self, c: Tensor) -> DenseFactor:
+        if self.g.shape[1] == 1:
+            return DenseFactor(self.g * c.sum())
+        return DenseFactor(torch.einsum("nkp,k->np", self.g, c)[:, None])
+
+    def diagonal_gram(self, w: Tensor) -> Tensor:
+        g = self.g * w.sqrt()[None, :, None] if self.g.shape[1] > 1 else self.g * w.sum().sqrt()
+        flat = g.reshape(g.shape[0], -1)
+        return flat @ flat.T
+
+    def state(self) -> dict[str, Tensor]:
+        return {"g": self.g}
+
+    def with_tangents(self) -> DenseFactor:
+        g, g_dot = _split_dual(self.g)
+        return DenseFactor(g if g_dot is None else g + 0.5 * g_dot)
 
 
+# ---- operations on several factors ---------------------------------------------------------------------------
 def factor_gram(a: Factor, b: Factor, out: Tensor | None = None) -> Tensor:
     """``[N, K, M, K']`` inner products of the per-example gradients of one parameter in two factors.
 
     With `out` (contiguous ``[N, K, M, K']``) they are added to it in place, with no temporary of that size.
     """
     if out is None:
-        out = torch.zeros(a.n_examples, a.n_outputs, b.n_examples, b.n_outputs, dtype=_dtype(a), device=_device(a))
+        out = torch.zeros(a.n_examples, a.n_outputs, b.n_examples, b.n_outputs, dtype=a.dtype, device=a.device)
     if isinstance(a, LowRankFactor) and isinstance(b, LowRankFactor):
         return a.gram(b, out)
     return a.to_dense().gram(b.to_dense(), out)
 
 
-def _dtype(f: Factor) -> torch.dtype:
-    return f.u.dtype if isinstance(f, LowRankFactor) else f.g.dtype
+def sum_factors(parts: list[Factor]) -> Factor:
+    """One factor for the sum of several over the same examples (uses of a tied weight, quadrature nodes...)."""
+    if len(parts) == 1:
+        return parts[0]
+    if all(isinstance(p, LowRankFactor) for p in parts):
+        return LowRankFactor.cat_rank(parts)  # type: ignore[arg-type]
+    return DenseFactor(torch.stack([p.to_dense().g for p in parts]).sum(0))
 
 
-def _device(f: Factor) -> torch.device:
-    return f.u.device if isinstance(f, LowRankFactor) else f.g.device
+def difference(a: Factor, b: Factor) -> Factor:
+    """The factor of ``G_a − G_b`` (low-rank factors join their rank terms; nothing is densified needlessly)."""
+    return sum_factors([a, b.negated()])
 
 
 def cat_examples(factors: list[Factor]) -> Factor:
@@ -234,9 +461,10 @@ def cat_examples(factors: list[Factor]) -> Factor:
     if len(factors) == 1:
         return factors[0]
     if all(isinstance(f, LowRankFactor) for f in factors):
-        r = max(f.rank for f in factors)
-        k_u = max(f.u.shape[1] for f in factors)
-        k_v = max(f.v.shape[1] for f in factors)
+        low: list[LowRankFactor] = factors  # type: ignore[assignment]
+        r = max(f.rank for f in low)
+        k_u = max(f.u.shape[1] for f in low)
+        k_v = max(f.v.shape[1] for f in low)
 
         def pad(t: Tensor, k: int) -> Tensor:
             t = t.expand(t.shape[0], k, *t.shape[2:]) if t.shape[1] != k else t
@@ -244,10 +472,25 @@ def cat_examples(factors: list[Factor]) -> Factor:
                 return t
             return torch.cat([t, t.new_zeros(t.shape[0], k, r - t.shape[2], t.shape[3])], dim=2)
 
-        return LowRankFactor(torch.cat([pad(f.u, k_u) for f in factors]), torch.cat([pad(f.v, k_v) for f in factors]))
+        return LowRankFactor(torch.cat([pad(f.u, k_u) for f in low]), torch.cat([pad(f.v, k_v) for f in low]))
     return DenseFactor(torch.cat([f.to_dense().g for f in factors]))
 
 
 def compact(f: Factor) -> Factor:
     """The smaller layout of a factor: dense per-example gradients when they take less memory than u and v."""
     return f.to_dense() if isinstance(f, LowRankFactor) and f.dense_is_cheaper() else f
+
+
+def gather_examples(
+    f: Factor, all_gather: Callable[[Tensor], list[Tensor]], any_true: Callable[[bool], bool]
+) -> Factor:
+    """The factor of every process's examples, concatenated in process order.
+
+    all_gather: a tensor of this process → the tensors of every process (first dims may differ); any_true: a
+    flag of this process → whether any process's flag is set (one dense shard makes every shard dense).
+    """
+    if any_true(isinstance(f, DenseFactor)):
+        return DenseFactor(torch.cat(all_gather(f.to_dense().g)))
+    assert isinstance(f, LowRankFactor)
+    us, vs = all_gather(f.u), all_gather(f.v)
+    return cat_examples([LowRankFactor(u, v) for u, v in zip(us, vs)])

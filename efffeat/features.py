@@ -5,18 +5,73 @@ from __future__ import annotations
 import bisect
 import math
 import operator
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from ._check import one_of
 from ._memory import check_fits
+from ._savable import register
 from .errors import ConfigError, FeatureIdError
-from .factors import Factor, cat_examples, factor_gram
+from .factors import Factor, cat_examples, factor_gram, from_state
 from .ids import FeatureIds, ParamSlot
 
+# Output reductions of a kernel [N, K, M, K] (`EffectiveFeatures.kernel`, `reduce_outputs`).
+REDUCTIONS = ("flatten", "diagonal", "pairs")
 
+
+def component_weights(weights: Tensor | Sequence[float] | None, k: int, like: Tensor) -> Tensor:
+    """``[K]`` per-component output weights ``w_k`` checked (finite, non-negative); ones when None."""
+    if weights is None:
+        return torch.ones(k, dtype=like.dtype, device=like.device)
+    w = torch.as_tensor(weights, dtype=like.dtype, device=like.device)
+    if w.shape != (k,):
+        raise ConfigError(f"output_weights must have one entry per readout component ({k}), got shape {tuple(w.shape)}")
+    if bool((w < 0).any()) or not bool(torch.isfinite(w).all()):
+        raise ConfigError("output_weights must be finite and non-negative (they rescale kernel blocks by √(w_k w_l))")
+    return w
+
+
+def importance_weights(importance: float, n_outputs: int, beta: float = 1.0) -> Tensor:
+    """``[K]`` output weights ``w_k = importance^(β k)``: the importance-weighted loss of toy models.
+
+    ``β = 1`` weighs each output block by its loss weight (kernel blocks scaled by ``√(w_k w_l)``);
+    ``β < 1`` softens it; ``β = 0`` is no rescaling.
+    """
+    if not importance > 0:
+        raise ConfigError(f"importance must be positive, got {importance!r}")
+    return torch.tensor(float(importance), dtype=torch.float64) ** (beta * torch.arange(n_outputs, dtype=torch.float64))
+
+
+def reduce_outputs(kernel: Tensor, reduce: str = "pairs", weights: Tensor | Sequence[float] | None = None) -> Tensor:
+    """Reduce the output axes of a kernel ``[N, K, M, K]`` with output weights ``w_k`` (``s_k = √w_k``):
+
+    ============ ======================================================= ==========
+    reduce       kernel                                                  shape
+    ============ ======================================================= ==========
+    flatten      ``s_k s_l K[n, k, m, l]`` at row ``n·K + k``, column     ``[NK, MK]``
+                 ``m·K + l`` (example-major)
+    diagonal     ``(1/K) Σ_k w_k K[n, k, m, k]``                          ``[N, M]``
+    pairs        ``(1/K²) Σ_{k,l} s_k s_l K[n, k, m, l]``                 ``[N, M]``
+    ============ ======================================================= ==========
+    """
+    one_of("reduce", reduce, REDUCTIONS)
+    if kernel.ndim != 4 or kernel.shape[1] != kernel.shape[3]:
+        raise ConfigError(f"expected a kernel [N, K, M, K], got shape {tuple(kernel.shape)}")
+    n, k, m, _ = kernel.shape
+    w = component_weights(weights, k, kernel)
+    s = w.sqrt()
+    if reduce == "flatten":
+        return (kernel * s[None, :, None, None] * s[None, None, None, :]).reshape(n * k, m * k)
+    if reduce == "diagonal":
+        return torch.einsum("nkmk,k->nm", kernel, w) / k
+    return torch.einsum("nkml,k,l->nm", kernel, s, s) / k**2
+
+
+@register
 @dataclass
 class EffectiveFeatures:
     """Effective features ``φ^E_μ(x)`` of N examples, one per parameter entry μ (and readout component).
@@ -211,11 +266,24 @@ class EffectiveFeatures:
         out = torch.cat([self.factors[s.name].dense() for s in self.slots], dim=2)
         return self._out(out)
 
-    def kernel(self, other: EffectiveFeatures | None = None, params: Sequence[str] | None = None) -> Tensor:
-        """The effective kernel ``Σ_μ φ^E_μ(x) φ^E_μ(x')``: ``[N, M]`` (scalar) or ``[N, K, M, K]``.
+    def kernel(
+        self,
+        other: EffectiveFeatures | None = None,
+        params: Sequence[str] | str | None = None,
+        reduce: str | None = None,
+        output_weights: Tensor | Sequence[float] | None = None,
+    ) -> Tensor:
+        """The effective kernel ``Σ_μ φ^E_μ(x) φ^E_μ(x')``, from the factors' Gram products.
 
-        other: features of a second dataset (same model and order); params: restrict the sum to these
-        parameter tensors (a layerwise kernel), by state_dict or named_parameters name.
+        Args:
+            other: features of a second dataset (same model and order); None: these features.
+            params: restrict the sum to these parameter tensors (a layerwise kernel), by state_dict or
+                named_parameters name.
+            reduce: None for ``[N, M]`` (scalar readout) or ``[N, K, M, K]``; ``"flatten"`` ``[N·K, M·K]``
+                (example-major), ``"diagonal"`` or ``"pairs"`` ``[N, M]`` (`reduce_outputs`). The diagonal and
+                pairs kernels of one feature set come from per-component Grams or one Gram of the weighted
+                output sum, never through ``[N, K, N, K]``.
+            output_weights: ``[K]`` weights ``w_k`` of the reduction (importance rescaling); None = 1.
         """
         other = self if other is None else other
         if other.slots != self.slots:
@@ -225,6 +293,20 @@ class EffectiveFeatures:
             )
         names = self.param_names(params)
         n, k, m, l = self.n_examples, self.n_outputs, other.n_examples, other.n_outputs
+        if reduce is not None:
+            one_of("reduce", reduce, REDUCTIONS)
+        w = component_weights(output_weights, k, self.z_init)
+        if reduce in ("diagonal", "pairs") and (reduce == "pairs" or other is self):
+            check_fits(n * m, self.dtype, f"the kernel [{n}, {m}]", "compute it on fewer examples (select_rows)")
+            out = torch.zeros(n, m, dtype=self.dtype, device=self.device)
+            for name in names:
+                f = self.factors[name]
+                if reduce == "pairs":
+                    c = w.sqrt() / k
+                    out += factor_gram(f.output_sum(c), other.factors[name].output_sum(c))[:, 0, :, 0]
+                else:
+                    out += f.diagonal_gram(w) / k
+            return out
         check_fits(
             n * k * m * l,
             self.dtype,
@@ -235,6 +317,8 @@ class EffectiveFeatures:
         out = torch.zeros(n, k, m, l, dtype=self.dtype, device=self.device)
         for name in names:
             factor_gram(self.factors[name], other.factors[name], out)
+        if reduce is not None:
+            return reduce_outputs(out, reduce, w)
         return out[:, 0, :, 0] if self.scalar and other.scalar else out
 
     def param_names(self, params: Sequence[str] | str | None = None) -> list[str]:
@@ -262,6 +346,37 @@ class EffectiveFeatures:
         """``[P]``: ``Σ_{x,k} w(x, k) φ^E_μ(x, k)²`` for every feature at once, from the factors."""
         w = None if weights is None else self._in(weights)
         return torch.cat([self.factors[s.name].sq_sum(w) for s in self.slots])
+
+
+    # ---- persistence ----------------------------------------------------------------------------------
+    def to_state(self) -> tuple[dict[str, Tensor], dict]:
+        tensors: dict[str, Tensor] = {"z_init": self.z_init, "z_trained": self.z_trained}
+        for name, f in self.factors.items():
+            tensors.update({f"factors/{name}/{key}": t for key, t in f.state().items()})
+        for name, d in self.delta.items():
+            tensors[f"delta/{name}"] = d
+        slots = [s.to_json() for s in self.slots]
+        meta = {"order": self.order, "scalar": self.scalar, "slots": slots, "meta": self.meta}
+        return tensors, meta
+
+    @classmethod
+    def from_state(cls, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> EffectiveFeatures:
+        slots = [ParamSlot.from_json(s) for s in meta["slots"]]
+        factors = {}
+        for s in slots:
+            prefix = f"factors/{s.name}/"
+            factors[s.name] = from_state({k[len(prefix) :]: t for k, t in tensors.items() if k.startswith(prefix)})
+        delta = {s.name: tensors[f"delta/{s.name}"] for s in slots}
+        return cls(
+            factors,
+            FeatureIds(slots),
+            delta,
+            tensors["z_init"],
+            tensors["z_trained"],
+            meta["order"],
+            meta["scalar"],
+            meta["meta"],
+        )
 
 
 def _position(i: object) -> int:

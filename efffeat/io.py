@@ -7,27 +7,22 @@ File layout (a standard ``.safetensors`` file, readable by any safetensors reade
   object's class, e.g. ``"efffeat.ranking:FeatureTable"``), ``meta`` (the object's JSON metadata),
   ``checksums`` (CRC-32 of every tensor's bytes, as JSON) and ``efffeat_version``.
 
-An object is savable when its class is registered here and it implements the state protocol::
+An object is savable when its class is registered (`register`, which efffeat's own result classes do where
+they are defined) and implements the state protocol::
 
     def to_state(self) -> tuple[dict[str, Tensor], dict]: ...      # tensors, JSON-able metadata
     @classmethod
     def from_state(cls, tensors: dict[str, Tensor], meta: dict): ...
 
-`EffectiveFeatures` is savable through a converter defined in this module. Writes go to a temporary file in
-the target's directory, are flushed to disk and then renamed over the target (``os.replace``), so a crash
-mid-write leaves the previous file intact (a stray ``.<name>.*.tmp`` file may remain; it is safe to delete).
-JSON turns tuples into lists; everything else in ``meta`` round-trips as written.
+Writes are atomic (`efffeat._atomic`): a crash mid-write leaves the previous file intact. JSON turns tuples
+into lists; everything else in ``meta`` round-trips as written.
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import json
 import os
-import tempfile
 import zlib
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,33 +31,17 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from ._atomic import write_atomic
+from ._savable import class_for, register, tag_for, tag_of
+from ._version import __version__
 from .errors import ConfigError, SaveFileError
-from .factors import DenseFactor, LowRankFactor
-from .features import EffectiveFeatures
-from .ids import FeatureIds, ParamSlot
 
 FORMAT = "efffeat"
 FORMAT_VERSION = 1
 
 State = tuple[dict[str, Tensor], dict]
 
-# Classes `load` may instantiate, by import path "module:Class" (imported only when a file needs them).
-_REGISTERED: set[str] = {
-    "efffeat.features:EffectiveFeatures",
-    "efffeat.ranking:FeatureTable",
-    "efffeat.search:TopK",
-    "efffeat.kernels:Eigenfeatures",
-    "efffeat.compare:ComparisonTable",
-    "efffeat.zoo:Run",
-}
-
-
-def register(import_path: str) -> None:
-    """Allow `save`/`load` for the class at ``"package.module:Class"`` (it must implement the state protocol)."""
-    module, _, name = import_path.partition(":")
-    if not module or not name:
-        raise ConfigError(f"register takes an import path 'package.module:Class', got {import_path!r}")
-    _REGISTERED.add(import_path)
+__all__ = ["load", "register", "save"]
 
 
 def save(obj: Any, path: str | os.PathLike) -> Path:
@@ -71,12 +50,15 @@ def save(obj: Any, path: str | os.PathLike) -> Path:
     Raises `ConfigError` if the object's class is not registered or its state is not tensors + JSON, and
     `SaveFileError` if the file cannot be written.
     """
-    tag = _tag_of(obj)
-    to_state, _ = _converters(tag, type(obj))
-    tensors, meta = _checked_state(to_state(obj), type(obj).__name__)
+    tag = tag_for(obj)
+    if tag is None:
+        own = tag_of(type(obj))
+        raise ConfigError(
+            f"cannot save a {type(obj).__name__}: its class is not registered for saving; give it "
+            f"to_state()/from_state() and call efffeat.io.register({own!r}) (or decorate the class with it)"
+        )
+    tensors, meta = _checked_state(obj.to_state(), type(obj).__name__)
     tensors = _own_storage({k: t.detach().cpu() for k, t in tensors.items()})
-    from . import __version__
-
     header = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
@@ -90,7 +72,7 @@ def save(obj: Any, path: str | os.PathLike) -> Path:
         raise SaveFileError(f"{path} is a directory; pass a file path such as {path / 'result.safetensors'}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+        write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=header))
     except OSError as e:
         raise SaveFileError(f"could not write {path}: {e}; check the directory exists and is writable") from e
     return path
@@ -114,56 +96,16 @@ def load(path: str | os.PathLike) -> Any:
     sums = _json(header, "checksums", path)
     if set(sums) != set(tensors) or any(_crc(t) != sums[k] for k, t in tensors.items()):
         raise SaveFileError(f"{path} is corrupt: its tensor data does not match the checksums; save the object again")
-    cls = _resolve(tag, path)
-    _, from_state = _converters(tag, cls)
-    try:
-        return from_state(tensors, meta)
-    except Exception as e:
-        raise SaveFileError(f"{path} holds a {tag} whose state could not be restored ({type(e).__name__}: {e})") from e
-
-
-# ---- the type registry ---------------------------------------------------------------------------------
-def _import(import_path: str) -> type:
-    module, _, name = import_path.partition(":")
-    obj: Any = importlib.import_module(module)
-    for part in name.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _tag_of(obj: Any) -> str:
-    cls = type(obj)
-    own = f"{cls.__module__}:{cls.__qualname__}"
-    if own in _REGISTERED:
-        return own
-    for tag in sorted(_REGISTERED):  # a class re-exported under a registered path
-        with contextlib.suppress(Exception):  # a module that fails to import cannot hold the class
-            if _import(tag) is cls:
-                return tag
-    raise ConfigError(
-        f"cannot save a {cls.__name__}: its class is not registered for saving; give it to_state()/from_state() "
-        f"and call efffeat.io.register({own!r})"
-    )
-
-
-def _resolve(tag: str, path: Path) -> type:
-    if tag not in _REGISTERED:
+    cls = class_for(tag)
+    if cls is None:
         raise SaveFileError(
-            f"{path} holds a {tag!r}, a type efffeat does not know; if it is your own class, call "
-            f"efffeat.io.register({tag!r}) before loading"
+            f"{path} holds a {tag!r}, a type efffeat does not know; if it is your own class, "
+            f"call efffeat.io.register({tag!r}) before loading"
         )
     try:
-        return _import(tag)
-    except (ImportError, AttributeError) as e:
-        raise SaveFileError(f"{path} holds a {tag!r}, which this efffeat installation cannot import ({e})") from e
-
-
-def _converters(tag: str, cls: type) -> tuple[Callable[[Any], State], Callable[[dict, dict], Any]]:
-    if tag in _CONVERTERS:
-        return _CONVERTERS[tag]
-    if not (callable(getattr(cls, "to_state", None)) and callable(getattr(cls, "from_state", None))):
-        raise ConfigError(f"{cls.__name__} does not implement to_state()/from_state(), so it cannot be saved")
-    return (lambda obj: obj.to_state()), cls.from_state
+        return cls.from_state(tensors, meta)
+    except Exception as e:
+        raise SaveFileError(f"{path} holds a {tag} whose state could not be restored ({type(e).__name__}: {e})") from e
 
 
 # ---- checks ----------------------------------------------------------------------------------------------
@@ -226,69 +168,3 @@ def _crc(t: Tensor) -> int:
     """CRC-32 of a tensor's bytes in row-major order."""
     flat = t.detach().cpu().contiguous().reshape(-1)
     return zlib.crc32(flat.view(torch.uint8).numpy()) if flat.numel() else 0
-
-
-def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
-    """Write to a temporary file beside `path`, flush it to disk, then rename it over `path`."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable where the platform allows
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
-# ---- EffectiveFeatures -------------------------------------------------------------------------------------
-def _features_to_state(feats: EffectiveFeatures) -> State:
-    tensors: dict[str, Tensor] = {"z_init": feats.z_init, "z_trained": feats.z_trained}
-    for name, f in feats.factors.items():
-        if isinstance(f, LowRankFactor):
-            tensors[f"factors/{name}/u"], tensors[f"factors/{name}/v"] = f.u, f.v
-        else:
-            tensors[f"factors/{name}/g"] = f.g
-    for name, d in feats.delta.items():
-        tensors[f"delta/{name}"] = d
-    slots = [[s.name, s.state_name, list(s.shape), s.offset] for s in feats.slots]
-    meta = {"order": feats.order, "scalar": feats.scalar, "slots": slots, "meta": feats.meta}
-    return tensors, meta
-
-
-def _features_from_state(tensors: dict[str, Tensor], meta: dict) -> EffectiveFeatures:
-    slots = [ParamSlot(name, state_name, tuple(shape), offset) for name, state_name, shape, offset in meta["slots"]]
-    factors = {}
-    for s in slots:
-        key = f"factors/{s.name}"
-        if f"{key}/g" in tensors:
-            factors[s.name] = DenseFactor(tensors[f"{key}/g"])
-        else:
-            factors[s.name] = LowRankFactor(tensors[f"{key}/u"], tensors[f"{key}/v"])
-    delta = {s.name: tensors[f"delta/{s.name}"] for s in slots}
-    return EffectiveFeatures(
-        factors,
-        FeatureIds(slots),
-        delta,
-        tensors["z_init"],
-        tensors["z_trained"],
-        meta["order"],
-        meta["scalar"],
-        meta["meta"],
-    )
-
-
-_CONVERTERS: dict[str, tuple[Callable[[Any], State], Callable[[dict, dict], Any]]] = {
-    "efffeat.features:EffectiveFeatures": (_features_to_state, _features_from_state),
-}

@@ -2,8 +2,9 @@
 
 `max_activating` streams any iterable of batches, computes each batch's effective features once and keeps,
 for every feature asked about, the k best (example, readout component) pairs seen so far — memory
-O(k × features), whatever the dataset size. Ties keep the earlier example (a stable merge), so the result
-equals a stable sort of the whole dataset.
+O(k × features), whatever the dataset size. Given features that are already computed
+(``max_activating(feats, ids)``) it makes no pass over the data at all. Ties keep the earlier example (a
+stable merge), so the result equals a stable sort of the whole dataset.
 
 What a "feature" is here, and its value at an input x:
 
@@ -29,83 +30,83 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ._check import positive_int
 from ._data import as_batches
+from ._savable import register
 from .dual import DualModel
 from .errors import ConfigError, DataError, FeatureIdError
-from .factors import LowRankFactor
+from .factors import Selection
 from .features import EffectiveFeatures
-from .kernels import Eigenfeature, Eigenfeatures
-from .ranking import group_positions
+from .groups import group_positions, n_heads_of
+from .ids import FeatureIds
+from .spectra import Eigenfeature, Spectrum
 
+# The per-example quantities examples are sorted by (the ranking criteria of `efffeat.rank` summarise them).
 BY = ("value", "contribution")
 FeatureSpec = str | Eigenfeature | tuple | Callable[[EffectiveFeatures], Tensor]
+
+
+@dataclass(frozen=True)
+class _Space:
+    """What resolving feature specs needs of a model: its ids, ``[P]`` Δθ, dtype and attention heads."""
+
+    ids: FeatureIds
+    delta: Tensor
+    dtype: torch.dtype
+    n_heads: int | None
+
+    @staticmethod
+    def of(source: DualModel | EffectiveFeatures) -> _Space:
+        if isinstance(source, EffectiveFeatures):
+            return _Space(source.ids, source.flat_delta(), source.dtype, source.meta.get("n_heads"))
+        return _Space(source.ids, source.flat_delta(), source.dtype, n_heads_of(source.model))
 
 
 # ---- linear functionals of the features ----------------------------------------------------------------
 @dataclass
 class _Functional:
-    """``Σ_μ w_μ φ^E_μ(x, k)``: per parameter tensor the local row-major positions and their weights."""
+    """``Σ_μ w_μ φ^E_μ(x, k)``: per parameter tensor a sparse weight vector (`efffeat.factors.Selection`)."""
 
-    parts: dict[str, tuple[Tensor, Tensor]]  # named_parameters name -> (flat [m], w [m])
+    parts: dict[str, Selection]  # named_parameters name -> positions and weights on that tensor
     single: tuple[int, float] | None = None  # (flat feature position, weight) when one feature: batched
-    _blocks: dict[str, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)
 
     def __call__(self, feats: EffectiveFeatures) -> Tensor:
         """``[n, K]`` values on a batch's features."""
         out = torch.zeros(feats.n_examples, feats.n_outputs, dtype=feats.dtype, device=feats.device)
-        for name, (flat, w) in self.parts.items():
-            f = feats.factors[name]
-            if isinstance(f, LowRankFactor):
-                rows, cols, block = self._block(name, f.shape, flat, w)
-                out += ((f.u[..., rows] @ block.to(f.u.dtype)) * f.v[..., cols]).sum(dim=(2, 3))
-            else:
-                out += f.g[..., flat] @ w.to(f.g.dtype)
+        for name, sel in self.parts.items():
+            out += feats.factors[name].selected(sel)
         return out
 
-    def _block(self, name: str, shape: tuple[int, int], flat: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The rows and columns of ``W [d0, d1]`` the weights touch, and the weights as a dense block."""
-        if name not in self._blocks:
-            rows, r_at = torch.unique(flat // shape[1], return_inverse=True)
-            cols, c_at = torch.unique(flat % shape[1], return_inverse=True)
-            block = torch.zeros(len(rows), len(cols), dtype=w.dtype).index_put_((r_at, c_at), w, accumulate=True)
-            self._blocks[name] = (rows, cols, block)
-        return self._blocks[name]
-
-    def as_direction(self, dual: DualModel) -> dict[str, Tensor]:
+    def as_direction(self, like: dict[str, Tensor]) -> dict[str, Tensor]:
         """The weights as a parameter-shaped tangent ``{name: [*shape]}`` (zeros where untouched)."""
-        out = {n: torch.zeros_like(p) for n, p in dual.theta_trained.items()}
-        for name, (flat, w) in self.parts.items():
-            out[name].view(-1).index_add_(0, flat, w.to(out[name].dtype))
+        out = {n: torch.zeros_like(p) for n, p in like.items()}
+        for name, sel in self.parts.items():
+            out[name].view(-1).index_add_(0, sel.flat, sel.w.to(out[name].dtype))
         return out
 
 
-def _functional(dual: DualModel, positions: Tensor, weights: Tensor) -> _Functional:
+def _functional(space: _Space, positions: Tensor, weights: Tensor) -> _Functional:
     """Group flat feature positions ``[m]`` and weights ``[m]`` by parameter tensor."""
     parts = {}
-    for s in dual.ids.slots:
+    for s in space.ids.slots:
         inside = (positions >= s.offset) & (positions < s.offset + s.numel)
         if bool(inside.any()):
-            parts[s.name] = (positions[inside] - s.offset, weights[inside])
+            parts[s.name] = Selection(s.shape, positions[inside] - s.offset, weights[inside])
     return _Functional(parts)
 
 
-def _flat_delta(dual: DualModel) -> Tensor:
-    return torch.cat([dual.delta[s.name].reshape(-1) for s in dual.ids.slots])
-
-
-def _resolve(
-    dual: DualModel, spec: FeatureSpec, by: str, delta: Tensor
-) -> tuple[str, Callable[[EffectiveFeatures], Tensor]]:
-    """A (label, value function) for one feature spec; delta: ``[P]`` flat Δθ."""
-    if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], Eigenfeatures):
+def _resolve(space: _Space, spec: FeatureSpec, by: str) -> tuple[str, Callable[[EffectiveFeatures], Tensor]]:
+    """A (label, value function) for one feature spec."""
+    if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], Spectrum):
         spec = spec[0][spec[1]]
     if isinstance(spec, Eigenfeature):
-        return spec.id, _eigen_functional(dual, spec, by, delta)
+        return spec.id, _eigen_functional(space, spec, by)
     if isinstance(spec, str):
-        positions = group_positions(dual.ids, spec, _n_heads(dual))
-        single = len(positions) == 1 and not _is_group_id(spec)
+        positions = group_positions(space.ids, spec, space.n_heads)
+        single = space.ids.parse(spec).kind == "param"
+        delta = space.delta
         weights = torch.ones_like(delta[positions]) if single and by == "value" else delta[positions]
-        functional = _functional(dual, positions, weights)
+        functional = _functional(space, positions, weights)
         if single:
             functional.single = (int(positions[0]), float(weights[0]))
         return spec.strip(), functional
@@ -117,34 +118,26 @@ def _resolve(
     )
 
 
-def _is_group_id(fid: str) -> bool:
-    return ":" in fid or "[" not in fid or ".head[" in fid
-
-
-def _eigen_functional(dual: DualModel, handle: Eigenfeature, by: str, delta: Tensor) -> _Functional:
+def _eigen_functional(space: _Space, handle: Eigenfeature, by: str) -> _Functional:
     d = handle.direction()
-    if d.numel() != dual.n_features:
+    if d.numel() != len(space.ids):
         raise ConfigError(
             f"eigenfeature {handle.id} belongs to a model with {d.numel()} parameters, this one has "
-            f"{dual.n_features}; compute the eigenfeatures from this model's features"
+            f"{len(space.ids)}; compute the eigenfeatures from this model's features"
         )
-    d = d.to(dual.dtype)
+    d = d.to(space.dtype)
     if by == "contribution":
-        d = d * (delta @ d)
+        d = d * (space.delta @ d)
     positions = torch.nonzero(d).reshape(-1)
-    return _functional(dual, positions, d[positions])
-
-
-def _n_heads(dual: DualModel) -> int | None:
-    return getattr(getattr(dual.model, "cfg", None), "n_heads", None)
+    return _functional(space, positions, d[positions])
 
 
 def _as_list(features: Any) -> list:
     if isinstance(features, str | Eigenfeature) or callable(features):
         return [features]
-    if isinstance(features, tuple) and len(features) == 2 and isinstance(features[0], Eigenfeatures):
+    if isinstance(features, tuple) and len(features) == 2 and isinstance(features[0], Spectrum):
         return [features]
-    if isinstance(features, Eigenfeatures):
+    if isinstance(features, Spectrum):
         return list(features)
     if not isinstance(features, Sequence) or not features:
         raise ConfigError("features must be a feature id, an eigenfeature, a callable, or a non-empty list of them")
@@ -153,20 +146,21 @@ def _as_list(features: Any) -> list:
 
 # ---- the search ------------------------------------------------------------------------------------------
 def max_activating(
-    dual: DualModel,
-    data: Any,
-    features: FeatureSpec | Sequence[FeatureSpec] | Eigenfeatures,
+    source: DualModel | EffectiveFeatures,
+    data: Any = None,
+    features: FeatureSpec | Sequence[FeatureSpec] | Spectrum | None = None,
     k: int = 16,
     by: str = "value",
     batch_size: int = 256,
     largest: bool = True,
     progress: bool = True,
 ) -> TopK:
-    """The `k` (example, component) pairs of `data` with the largest (or smallest) value of each feature.
+    """The `k` (example, component) pairs with the largest (or smallest) value of each feature.
 
     Args:
-        dual: the model.
-        data: a tensor, an ``(inputs, targets)`` tuple, or any iterable of batches (a DataLoader).
+        source: a `DualModel` (its features are computed batch by batch over `data`, in one pass) or
+            `EffectiveFeatures` already computed (no pass over any data; call ``max_activating(feats, ids)``).
+        data: with a `DualModel`, a tensor, an ``(inputs, targets)`` tuple, or any iterable of batches.
         features: one or a list of feature ids, group ids, eigenfeatures, callables (module docstring).
         k: pairs kept per feature.
         by: ``"value"`` (φ^E) or ``"contribution"`` (Δθ_μ φ^E_μ) for single features and eigenfeatures.
@@ -181,24 +175,40 @@ def max_activating(
     Example::
 
         top = ef.max_activating(dual, x, ["0.weight[3,:]", eig[0]], k=16)
+        top = ef.max_activating(feats, ["0.weight[3,:]"], k=16)       # from features already computed
         top["0.weight[3,:]"].examples(x)
     """
     if by not in BY:
         raise ConfigError(f"unknown by={by!r}; choose 'value' or 'contribution'")
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ConfigError(f"k must be a positive integer, got {k!r}")
+    positive_int("k", k)
+    if isinstance(source, EffectiveFeatures):
+        if features is None:
+            data, features = None, data
+        if data is not None:
+            raise ConfigError("features already hold their data: call max_activating(feats, features, k=...)")
+        stream: Any = [source]
+        known: int | None = source.n_examples
+        scalar_readout = source.scalar
+    elif isinstance(source, DualModel):
+        if data is None or features is None:
+            raise ConfigError("pass the data and the features to search: max_activating(dual, data, features)")
+        stream = source.iter_features(data, batch_size, progress=progress)
+        known = as_batches(data, batch_size).n_examples
+        scalar_readout = bool(source.readout.scalar)
+    else:
+        raise ConfigError(
+            f"max_activating searches a DualModel's data or EffectiveFeatures, got {type(source).__name__}"
+        )
     specs = _as_list(features)
-    delta = _flat_delta(dual)
-    resolved = [_resolve(dual, s, by, delta) for s in specs]
+    space = _Space.of(source)
+    resolved = [_resolve(space, s, by) for s in specs]
     labels = _unique_labels([label for label, _ in resolved])
-    batches = as_batches(data, batch_size)
-    known = batches.n_examples
-    if known is not None and dual.readout.scalar and k > known:
+    if known is not None and scalar_readout and k > known:
         raise DataError(f"k={k} is larger than the data ({known} examples); pass k ≤ {known}")
     best_values: Tensor | None = None
     best_pairs: Tensor | None = None
     offset, n_outputs, scalar = 0, 1, True
-    for feats in dual.iter_features(data, batch_size, progress=progress):
+    for feats in stream:
         n = feats.n_examples
         n_outputs, scalar = feats.n_outputs, feats.scalar
         values = _evaluate(labels, [fn for _, fn in resolved], feats).reshape(
@@ -221,7 +231,7 @@ def max_activating(
         label: TopKEntry(best_pairs[i] // n_outputs, best_values[i], None if scalar else best_pairs[i] % n_outputs)
         for i, label in enumerate(labels)
     }
-    meta = {"k": k, "by": by, "largest": largest, "n_examples": offset, "n_outputs": n_outputs, "order": dual.order}
+    meta = {"k": k, "by": by, "largest": largest, "n_examples": offset, "n_outputs": n_outputs, "order": source.order}
     return TopK(labels, entries, meta, _originals={id(s): lab for s, lab in zip(specs, labels)})
 
 
@@ -290,6 +300,7 @@ class TopKEntry:
         )
 
 
+@register
 @dataclass
 class TopK:
     """Streaming top-k results, one `TopKEntry` per feature.
@@ -316,7 +327,7 @@ class TopK:
     def __getitem__(self, key: Any) -> TopKEntry:
         if isinstance(key, int) and not isinstance(key, bool):
             return self.entries[self.features[key]]
-        if isinstance(key, tuple) and len(key) == 2 and isinstance(key[0], Eigenfeatures):
+        if isinstance(key, tuple) and len(key) == 2 and isinstance(key[0], Spectrum):
             key = key[0][key[1]]
         if isinstance(key, Eigenfeature):
             key = key.id
@@ -398,10 +409,10 @@ def synthesize(
         raise ConfigError(f"unknown by={by!r}; choose 'value' or 'contribution'")
     if callable(feature) and not isinstance(feature, Eigenfeature):
         raise ConfigError("synthesize needs a feature id, group id or eigenfeature (a callable is not differentiable)")
-    label, functional = _resolve(dual, feature, by, _flat_delta(dual))
+    label, functional = _resolve(_Space.of(dual), feature, by)
     assert isinstance(functional, _Functional)
     x0 = _start(dual, init, shape, seed)
-    direction = functional.as_direction(dual)
+    direction = functional.as_direction(dual.theta_trained)
     x = x0.clone().requires_grad_(True)
     opt = torch.optim.Adam([x], lr=lr)
     for _ in tqdm(range(steps), desc=f"synthesize {label}", disable=None if progress else True, leave=False):

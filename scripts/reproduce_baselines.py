@@ -17,9 +17,8 @@ import numpy as np
 import torch
 
 import efffeat.zoo as zoo
-from efffeat import metrics
-from efffeat.baselines import dictionary
-from efffeat.compare import compare
+from efffeat.baselines import dictionary, metrics
+from efffeat.baselines.compare import compare
 
 ALL = ("effective", "eigen", "neurons", "sae", "pca", "ica", "minibatch-dl", "nmf")
 

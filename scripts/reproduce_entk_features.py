@@ -35,8 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import efffeat as ef
-from efffeat import spectral as sp
-from efffeat.kernels import eigenfeatures
+from efffeat import spectra as sp
 
 ORDERS = ("trained", "nlo", "path")
 
@@ -179,8 +178,8 @@ def train_mlp(s: MLPSettings) -> MLPRun:
 def mlp_spectrum(run: MLPRun, model: nn.Module, order: str, k: int) -> tuple[sp.Spectrum, ef.EffectiveFeatures]:
     """The paper's kernel: W1 and W2 kernels, each averaged over the output diagonal, summed."""
     feats = features_of(model, run.init, run.x, order)
-    kern = sp.effective_kernel(feats, params=["embed.weight"], reduce="diagonal")
-    kern += sp.effective_kernel(feats, params=["readout.weight"], reduce="diagonal")
+    kern = feats.kernel(params=["embed.weight"], reduce="diagonal")
+    kern += feats.kernel(params=["readout.weight"], reduce="diagonal")
     return sp.eigenmodes(kern, k=k), feats
 
 
@@ -194,10 +193,10 @@ def exp_mlp(quick: bool, orders: Sequence[str], run: MLPRun | None = None) -> ML
     for order in orders:
         spec, feats = mlp_spectrum(run, run.model, order, k=min(8 * f + 10, run.x.shape[0]))
         block = spec.modes(lo, hi)
-        w1 = sp.eigenmodes(sp.effective_kernel(feats, params=["embed.weight"], reduce="diagonal"), k=4 * f + 10)
+        w1 = sp.eigenmodes(feats.kernel(params=["embed.weight"], reduce="diagonal"), k=4 * f + 10)
         vals = {
             "cliffs (3 largest drops)": spec.cliffs(n=3),
-            f"drop after 0 / {4 * f} / {8 * f}": sp.drop_ratios(spec.eigenvalues, [0, 4 * f, 8 * f]),
+            f"drop after 0 / {4 * f} / {8 * f}": sp.drop_ratios(spec.values, [0, 4 * f, 8 * f]),
             f"overlap modes {lo}–{hi - 1}, sum": sp.overlap(block, fam["sum"]),
             f"overlap modes {lo}–{hi - 1}, difference": sp.overlap(block, fam["difference"]),
             f"W1 kernel: modes 1–{4 * f} vs single-input": sp.overlap(w1.modes(1, 4 * f + 1), fam["inputs"]),
@@ -412,7 +411,7 @@ def exp_transformer(
     for order in orders:
         feats = features_of(model, init, tokens, order, dtype=None)
         for state in WEIGHTS:
-            spec = sp.eigenmodes(sp.effective_kernel(feats, params=[state], reduce="pairs"), k=2 * nf + 2)
+            spec = sp.eigenmodes(feats.kernel(params=[state], reduce="pairs"), k=2 * nf + 2)
             ov_sum = sp.overlap(spec.modes(0, nf + 1), fam["sum"])
             if state == "unembed.weight":
                 ov_in = sp.overlap(spec.modes(nf + 1, 2 * nf + 1), fam["input_sum"])
@@ -443,7 +442,7 @@ def compare_routes(model: nn.Module, init: dict, tokens: Tensor, s: TransformerS
     for label, data in ((f"factored, N={tokens.shape[0]}", tokens), (f"factored, N={sub.shape[0]}", sub)):
         with PeakMemory() as mem:
             feats = features_of(model, init, data, "trained", dtype=None)
-            kernels = {w: sp.effective_kernel(feats, params=[w], reduce="pairs") for w in WEIGHTS}
+            kernels = {w: feats.kernel(params=[w], reduce="pairs") for w in WEIGHTS}
         results.append((label, mem.seconds, mem.bytes))
         del feats, kernels
     with PeakMemory() as mem:
@@ -452,7 +451,7 @@ def compare_routes(model: nn.Module, init: dict, tokens: Tensor, s: TransformerS
     results.append((f"dense, N={sub.shape[0]}", mem.seconds, mem.bytes))
     feats = features_of(model, init, sub, "trained", dtype=None)
     err = max(
-        float((sp.effective_kernel(feats, params=[w], reduce="pairs") - reduced[w]).norm() / reduced[w].norm())
+        float((feats.kernel(params=[w], reduce="pairs") - reduced[w]).norm() / reduced[w].norm())
         for w in WEIGHTS
     )
     del dense
@@ -520,13 +519,12 @@ def tms_spectrum(feats: ef.EffectiveFeatures, k: int) -> sp.Spectrum:
 
     The rescaling enters as a readout (``out · √w``) so that the features — and ``J Jᵀ`` — carry it;
     `eigenfeatures` runs Lanczos on the factored operator (the ``[K·N, K·N]`` kernel is never formed). Modes
-    are reordered output-major, with the ridge ``1e-8 · mean(diag)`` of the protocol.
+    are example-major rows, with the ridge ``1e-8 · mean(diag)`` of the protocol.
     """
-    eig = eigenfeatures(feats, k=k, method="lanczos")
+    eig = sp.eigenfeatures(feats, k=k, method="lanczos")
     n, kk = feats.n_examples, feats.n_outputs
     shift = sp.DEFAULT_RIDGE * float(feats.sq_sums().sum()) / (n * kk)
-    vectors = eig.functions.permute(1, 0, 2).reshape(kk * n, k)  # rows k·N + n
-    return sp.Spectrum(eig.values.double() + shift, vectors, shift, {"reduce": "flatten"})
+    return sp.Spectrum(eig.values.double() + shift, eig.functions, ridge=shift, meta={"reduce": "flatten"})
 
 
 def exp_tms(quick: bool, orders: Sequence[str]) -> None:
@@ -535,10 +533,11 @@ def exp_tms(quick: bool, orders: Sequence[str]) -> None:
         model, init, x = train_tms(s, m, sparsity)
         w = model.encoder.weight.detach()
         reconstructed = int(((w.T @ w).diagonal() >= 0.75).sum())
-        # ground truth on the flattened rows k·N + n: feature k's value at input n
-        z = torch.zeros(s.n * s.points, s.n, dtype=torch.float64)
+        # ground truth on the flattened rows n·K + k: feature k's value at input n
+        z = torch.zeros(s.points, s.n, s.n, dtype=torch.float64)
         for k in range(s.n):
-            z[k * s.points : (k + 1) * s.points, k] = x[:, k].double()
+            z[:, k, k] = x[:, k].double()
+        z = z.reshape(s.points * s.n, s.n)
         weights = sp.importance_weights(s.importance, s.n, s.beta)
         scale = weights.sqrt()
         n_modes = s.n + 20
@@ -551,7 +550,7 @@ def exp_tms(quick: bool, orders: Sequence[str]) -> None:
             seconds = time.perf_counter() - start
             rows.setdefault("cliffs, plain flattened (3 largest)", []).append(plain.cliffs(n=3))
             rows.setdefault(f"drop after mode {reconstructed - 1} / {s.n - 1}", []).append(
-                sp.drop_ratios(plain.eigenvalues, [reconstructed - 1, s.n - 1])
+                sp.drop_ratios(plain.values, [reconstructed - 1, s.n - 1])
             )
             rows.setdefault(f"cliffs, β={s.beta} rescaled (3 largest)", []).append(scaled.cliffs(n=3))
             top = sp.argmax_features(scaled.modes(0, s.n), z)
@@ -565,7 +564,7 @@ def exp_tms(quick: bool, orders: Sequence[str]) -> None:
 
                 start = time.perf_counter()
                 lanczos = tms_spectrum(features_of(model, init, x, order, readout=scaled_output), n_modes)
-                err = float(((lanczos.eigenvalues - scaled.eigenvalues) / scaled.eigenvalues).abs().max())
+                err = float(((lanczos.values - scaled.values) / scaled.values).abs().max())
                 rows["Lanczos vs P×P-Gram eigenvalues (max rel. diff)"] = [err] + ["—"] * (len(orders) - 1)
                 rows["seconds, Lanczos spectrum"] = [time.perf_counter() - start] + ["—"] * (len(orders) - 1)
         paper = {}

@@ -10,8 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from efffeat import metrics
-from efffeat.baselines import NeuronActivations, SparseAutoencoder, dictionary, neurons
+from efffeat.baselines import NeuronActivations, SparseAutoencoder, dictionary, metrics, neurons
 from efffeat.errors import ConfigError, DataError, FeatureIdError
 
 

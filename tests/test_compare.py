@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import efffeat.zoo as zoo
-from efffeat.compare import ComparisonTable, compare
+from efffeat.baselines.compare import ComparisonTable, compare
 from efffeat.errors import ConfigError
 
 

@@ -172,7 +172,7 @@ def test_kernel_to_disk_scalar_readout_in_uneven_blocks(tmp_path):
     x = torch.randn(10, 3, dtype=F64)
     on_disk = dist.kernel_to_disk(dual, x, tmp_path / "sub" / "k.npy", block=3)
     assert isinstance(on_disk, np.memmap) and on_disk.shape == (10, 10) and on_disk.dtype == np.float64
-    torch.testing.assert_close(torch.from_numpy(np.array(on_disk)), dual.kernel(x), rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(torch.from_numpy(np.array(on_disk)), dual.features(x).kernel(), rtol=1e-13, atol=1e-13)
     assert np.array_equal(np.load(tmp_path / "sub" / "k.npy"), np.array(on_disk))
     assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["k.npy"]
 

@@ -10,7 +10,7 @@ from _models import mlp, perturbed
 from torch import nn
 
 import efffeat as ef
-from efffeat.kernels import Cliff, Eigenfeatures, KernelOperator, eigenfeatures
+from efffeat.spectra import Cliff, KernelOperator, Spectrum, eigenfeatures
 
 F64 = torch.float64
 
@@ -106,9 +106,7 @@ def test_cliff_is_the_largest_gap_ratio():
     slots = [ef.ids.ParamSlot("w", "w", (3,), 0)]
 
     def make(v):
-        return Eigenfeatures(
-            torch.tensor(v, dtype=F64), torch.zeros(2, len(v)), torch.zeros(len(v), 3), slots, ["w"], {}
-        )
+        return Spectrum(torch.tensor(v, dtype=F64), torch.zeros(2, len(v)), torch.zeros(len(v), 3), slots, ["w"])
 
     assert make([10.0, 9.0, 1.0, 0.9]).cliff == Cliff(1, 9.0)
     assert make([4.0, 1.0, 0.0]).cliff == Cliff(1, math.inf)
@@ -119,11 +117,11 @@ def test_same_seed_identical_and_state_round_trip(feats):
     a = eigenfeatures(feats, k=3, method="lanczos", seed=1)
     b = eigenfeatures(feats, k=3, method="lanczos", seed=1)
     assert torch.equal(a.values, b.values) and torch.equal(a.functions, b.functions)
-    back = Eigenfeatures.from_state(*a.to_state())
+    back = Spectrum.from_state(*a.to_state())
     assert torch.equal(back.values, a.values) and torch.equal(back.functions, a.functions)
     assert torch.equal(back.directions(2), a.directions(2))
     assert back.meta == a.meta and back.params == a.params and back.slots == a.slots
-    assert "Eigenfeatures(k=3" in repr(back) and a[0].id == "eigen[0]"
+    assert "Spectrum(k=3" in repr(back) and a[0].id == "eigen[0]"
 
 
 def test_full_rank_request_uses_the_dense_path(scalar_feats):

@@ -172,7 +172,7 @@ def test_kernel_equals_jacobian_gram():
         js = j1[..., s.offset : s.offset + s.numel]
         assert rel_err(f1.kernel(params=["2.weight"]), torch.einsum("nkp,mlp->nkml", js, js)) <= 1e-10
         scalar = ef.DualModel(model, init, readout=0, order=order, progress=False)
-        assert scalar.kernel(x).shape == (6, 6)
+        assert scalar.features(x).kernel().shape == (6, 6)
 
 
 def test_products_columns_and_contributions_match_dense():

@@ -17,6 +17,7 @@ from _models import mlp, perturbed
 
 import efffeat as ef
 from efffeat import io
+from efffeat._atomic import TMP_SUFFIX
 
 
 class Box:
@@ -110,10 +111,10 @@ def test_effective_features_round_trip(tmp_path, order, readout):
 
 
 def _result_objects():
-    from efffeat.compare import ComparisonTable
-    from efffeat.kernels import eigenfeatures
+    from efffeat.baselines.compare import ComparisonTable
     from efffeat.ranking import rank
     from efffeat.search import max_activating
+    from efffeat.spectra import eigenfeatures
     from efffeat.zoo import tms
 
     torch.manual_seed(0)
@@ -126,7 +127,7 @@ def _result_objects():
         "FeatureTable(param)": rank(feats, by="contribution"),
         "FeatureTable(neuron)": rank(feats, by="variance", group="neuron", top=4),
         "TopK": max_activating(dual, x, ["0.weight[1,:]", "2.weight[0,3]"], k=3, progress=False),
-        "Eigenfeatures": eigenfeatures(feats, k=3),
+        "Spectrum": eigenfeatures(feats, k=3),
         "ComparisonTable": ComparisonTable([{"method": "pca", "mmcs": 0.1 + 0.2, "n": 3}], {"kind": "tms"}),
         "Run": run,
     }
@@ -182,7 +183,7 @@ def test_killed_writer_leaves_the_old_file_intact(tmp_path):
     deadline = time.monotonic() + 60
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            tmp = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+            tmp = [p for p in tmp_path.iterdir() if p.name.endswith(TMP_SUFFIX)]
             if tmp and tmp[0].stat().st_size > 0:
                 seen_tmp = True
                 break

@@ -11,8 +11,8 @@ from torch import nn
 from torch.func import functional_call
 
 import efffeat as ef
-from efffeat.kernels import eigenfeatures
 from efffeat.search import TopK, max_activating, synthesize
+from efffeat.spectra import eigenfeatures
 
 F64 = torch.float64
 
@@ -141,7 +141,7 @@ def test_head_group_of_a_bridge(setup):
         tokens = torch.randint(0, 7, (10, 3), generator=torch.Generator().manual_seed(4))
         feats = dual.features(tokens)
         top = max_activating(dual, tokens, "blocks.0.attn.head[1]", k=3, batch_size=4, progress=False)
-    group = ef.ranking.group_positions(feats.ids, "blocks.0.attn.head[1]", n_heads=4)
+    group = ef.groups.group_positions(feats.ids, "blocks.0.attn.head[1]", n_heads=4)
     assert len(group) == 3 * (16 * 4 + 4) + 16 * 4
     values = feats.dense()[:, group] @ feats.flat_delta()[group]
     idx, _, val = brute_top(values[:, None], 3)

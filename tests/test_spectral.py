@@ -13,7 +13,7 @@ from _models import TiedTMS, mlp, perturbed
 from torch import nn
 
 import efffeat as ef
-from efffeat import spectral as sp
+from efffeat import spectra as sp
 from efffeat.factors import DenseFactor, LowRankFactor, factor_gram
 
 F64 = torch.float64
@@ -36,7 +36,7 @@ def loop_reduce(kern: torch.Tensor, reduce: str, w: torch.Tensor) -> torch.Tenso
             for i in range(k):
                 for b in range(m):
                     for j in range(k):
-                        out[i * n + a, j * m + b] = s[i] * s[j] * kern[a, i, b, j]
+                        out[a * k + i, b * k + j] = s[i] * s[j] * kern[a, i, b, j]
         return out
     out = torch.zeros(n, m, dtype=F64)
     for a in range(n):
@@ -80,7 +80,7 @@ def test_effective_kernel_matches_full_kernel(order, reduce):
     for params in (None, ["0.weight"], ["2.weight", "2.bias"]):
         full = feats.kernel(params=params)
         for weights in (None, w):
-            got = sp.effective_kernel(feats, params=params, reduce=reduce, output_weights=weights)
+            got = feats.kernel(params=params, reduce=reduce, output_weights=weights)
             want = sp.reduce_outputs(full, reduce, weights)
             assert torch.allclose(got, want, rtol=1e-10, atol=1e-12), (params, weights)
 
@@ -88,8 +88,8 @@ def test_effective_kernel_matches_full_kernel(order, reduce):
 def test_layerwise_kernels_sum_to_full_kernel():
     model, init, x = trained_mlp(1)
     feats = ef.DualModel(model, init, order="trained", progress=False).features(x)
-    total = sp.effective_kernel(feats, reduce="diagonal")
-    parts = sum(sp.effective_kernel(feats, params=[s.name], reduce="diagonal") for s in feats.slots)
+    total = feats.kernel(reduce="diagonal")
+    parts = sum(feats.kernel(params=[s.name], reduce="diagonal") for s in feats.slots)
     assert torch.allclose(total, parts, rtol=1e-12)
 
 
@@ -101,12 +101,12 @@ def test_output_sum_with_component_dependent_factors(dims):
         torch.randn(5, 4, 2, d0, generator=g, dtype=F64), torch.randn(5, 4, 2, d1, generator=g, dtype=F64)
     )
     c = torch.randn(4, generator=g, dtype=F64)
-    summed = sp._output_sum(f, c)
+    summed = f.output_sum(c)
     want = torch.einsum("nkp,k->np", f.dense(), c)
     assert torch.allclose(summed.dense()[:, 0], want, rtol=1e-12)
     assert torch.allclose(factor_gram(summed, summed)[:, 0, :, 0], want @ want.T, rtol=1e-12)
     dense = DenseFactor(f.dense())
-    assert torch.allclose(sp._output_sum(dense, c).dense()[:, 0], want, rtol=1e-12)
+    assert torch.allclose(dense.output_sum(c).dense()[:, 0], want, rtol=1e-12)
 
 
 def test_eigenmodes_ridge_and_order():
@@ -114,15 +114,15 @@ def test_eigenmodes_ridge_and_order():
     spec = sp.eigenmodes(kern, k=5)
     shift = 1e-8 * float(kern.diagonal().mean())
     assert spec.ridge == pytest.approx(shift, rel=1e-12)
-    assert bool((spec.eigenvalues[:-1] >= spec.eigenvalues[1:]).all())
+    assert bool((spec.values[:-1] >= spec.values[1:]).all())
     want = torch.linalg.eigvalsh(kern).flip(0)[:5] + shift
-    assert torch.allclose(spec.eigenvalues, want, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(spec.values, want, rtol=1e-10, atol=1e-12)
     v = spec.eigenvectors
     assert torch.allclose(v.T @ v, torch.eye(5, dtype=F64), atol=1e-10)
-    assert torch.allclose((kern + shift * torch.eye(8, dtype=F64)) @ v, v * spec.eigenvalues, atol=1e-9)
+    assert torch.allclose((kern + shift * torch.eye(8, dtype=F64)) @ v, v * spec.values, atol=1e-9)
     # a rank-deficient kernel: the ridge makes every eigenvalue positive
     low = torch.ones(6, 6, dtype=F64)
-    assert bool((sp.eigenmodes(low).eigenvalues > 0).all())
+    assert bool((sp.eigenmodes(low).values > 0).all())
 
 
 def test_flattened_modes_match_dense_flattened_kernel():
@@ -132,9 +132,9 @@ def test_flattened_modes_match_dense_flattened_kernel():
     x = torch.rand(10, 6, dtype=F64)
     feats = ef.DualModel(model, init, order="trained", progress=False).features(x)
     w = sp.importance_weights(0.8, 6, beta=0.3)
-    dense = sp.eigenmodes(sp.effective_kernel(feats, reduce="flatten", output_weights=w), k=8)
+    dense = sp.eigenmodes(feats.kernel(reduce="flatten", output_weights=w), k=8)
     fact = sp.flattened_modes(feats, 8, output_weights=w)
-    assert torch.allclose(fact.eigenvalues, dense.eigenvalues, rtol=1e-8)
+    assert torch.allclose(fact.values, dense.values, rtol=1e-8)
     assert fact.ridge == pytest.approx(dense.ridge, rel=1e-10)
     proj = fact.eigenvectors @ fact.eigenvectors.T
     assert torch.allclose(proj, dense.eigenvectors @ dense.eigenvectors.T, atol=1e-7)
@@ -203,7 +203,7 @@ def test_results_round_trip():
     spec = sp.eigenmodes(sp.reduce_outputs(random_kernel(6, 2), "diagonal"), k=3)
     spec.meta["reduce"] = "diagonal"
     back = sp.Spectrum.from_state(*spec.to_state())
-    assert torch.equal(back.eigenvalues, spec.eigenvalues) and torch.equal(back.eigenvectors, spec.eigenvectors)
+    assert torch.equal(back.values, spec.values) and torch.equal(back.eigenvectors, spec.eigenvectors)
     assert back.ridge == spec.ridge and back.meta == spec.meta
     tr = sp.track([(0, 0.0), (10, 1.0), (20, 4.0)], analyse=float, progress=False)
     tb = sp.Tracking.from_state(*tr.to_state())
@@ -250,5 +250,5 @@ def test_diagonal_gram_layouts(ku, kv):
     w = torch.rand(4, generator=g, dtype=F64)
     dense = f.dense().expand(6, 4, 15)
     want = torch.einsum("nkp,mkp,k->nm", dense, dense, w)
-    assert torch.allclose(sp._diagonal_gram(f, w), want, rtol=1e-12)
-    assert torch.allclose(sp._diagonal_gram(DenseFactor(f.dense()), w if f.n_outputs > 1 else w), want, rtol=1e-12)
+    assert torch.allclose(f.diagonal_gram(w), want, rtol=1e-12)
+    assert torch.allclose(DenseFactor(f.dense()).diagonal_gram(w), want, rtol=1e-12)

@@ -16,11 +16,11 @@ from plotly.offline import get_plotlyjs
 from torch import nn
 
 import efffeat as ef
+from efffeat import _atomic as atomic
 from efffeat import viz
 from efffeat.baselines import neurons
-from efffeat.kernels import eigenfeatures
 from efffeat.ranking import rank
-from efffeat.spectral import eigenmodes
+from efffeat.spectra import eigenfeatures, eigenmodes
 from efffeat.zoo.digits import correct_logit
 
 F64 = torch.float64
@@ -254,7 +254,7 @@ def test_fourier_marks_the_planted_frequency():
     run = SimpleNamespace(model=model, init_state=init, config={"p": p})
     fig = viz.fourier(run, n_key=1)
     trained, learned = fig.data
-    np.testing.assert_allclose(trained.y, ef.zoo.frequency_norms(model.embed.weight[:p].detach()).numpy())
+    np.testing.assert_allclose(trained.y, ef.spectra.frequency_norms(model.embed.weight[:p].detach()).numpy())
     assert list(trained.x) == list(range(1, p // 2 + 1))
     assert [a.text for a in fig.layout.annotations] == ["4"]
     assert "key frequencies: 4" in fig.layout.title.text
@@ -291,7 +291,8 @@ def test_scaling_labels_each_line_with_its_slope():
 def test_report_is_one_self_contained_file(digits, tmp_path):
     path = tmp_path / "report.html"
     records = [{"method": "effective", "mmcs": 0.9}, {"method": "neurons", "mmcs": 0.5}]
-    out = viz.report(digits.dual, digits.data, path, features=digits.feats, top=2, n_eigen=5, comparison=records)
+    an = ef.Analysis(digits.dual, digits.data, features=digits.feats, n_eigen=5)
+    out = viz.report(an, path, top=2, comparison=records)
     assert out == path
     text = path.read_text()
     assert text.count(get_plotlyjs()) == 1  # plotly.js inline, once
@@ -323,21 +324,21 @@ def test_report_is_written_atomically(digits, tmp_path, monkeypatch):
 
     monkeypatch.setattr(viz.html_report.figures, "spectrum", broken)
     with pytest.raises(RuntimeError, match="figure failed"):
-        viz.report(digits.dual, digits.data, path, features=digits.feats, top=1, n_eigen=3)
+        viz.report(ef.Analysis(digits.dual, digits.data, features=digits.feats, n_eigen=3), path, top=1)
     assert path.read_text() == "previous report"
     monkeypatch.undo()
 
     def crash(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(viz.html_report.os, "replace", crash)
+    monkeypatch.setattr(atomic.os, "replace", crash)
     with pytest.raises(OSError, match="disk full"):
-        viz.report(digits.dual, digits.data, path, features=digits.feats, top=1, n_eigen=3)
+        viz.report(ef.Analysis(digits.dual, digits.data, features=digits.feats, n_eigen=3), path, top=1)
     assert path.read_text() == "previous report"
     assert [p.name for p in tmp_path.iterdir()] == ["report.html"]  # the temporary file is gone
     monkeypatch.undo()
     with pytest.raises(ef.ConfigError, match="does not exist"):
-        viz.report(digits.dual, digits.data, tmp_path / "missing" / "r.html", features=digits.feats)
+        viz.report(ef.Analysis(digits.dual, digits.data, features=digits.feats), tmp_path / "missing" / "r.html")
 
 
 def test_figures_are_valid_plotly(digits):

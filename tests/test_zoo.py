@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import efffeat.zoo as zoo
+from efffeat import spectra
+from efffeat.baselines.metrics import feature_dimensionality
 from efffeat.errors import ConfigError, SaveFileError
-from efffeat.metrics import feature_dimensionality
 
 # The CPU-fast TMS setting: lr 1e-2 (the literature's 1e-3 needs 10k steps). Measured over seeds 0–5:
 # S = 0.975 gives the pentagon (every D_i within 0.015 of 0.4) after 500 steps, S = 0 keeps exactly the two
@@ -153,15 +154,15 @@ def test_modular_addition_small(tmp_path):
 
 def test_fourier_helpers_find_planted_frequencies():
     p, gen = 31, torch.Generator().manual_seed(0)
-    basis = zoo.fourier_basis(p)
+    basis = spectra.dft_matrix(p)
     assert torch.allclose(basis @ basis.T, torch.eye(p, dtype=torch.float64), atol=1e-10)
     a = torch.arange(p, dtype=torch.float64)
     freqs = [4, 11, 7]
     cols = [f(2 * math.pi * k * a / p) * (3 - i) for i, k in enumerate(freqs) for f in (torch.cos, torch.sin)]
     emb = torch.stack(cols, dim=1) @ torch.randn(len(cols), 16, generator=gen, dtype=torch.float64)
     emb = emb + 1e-3 * torch.randn(p, 16, generator=gen, dtype=torch.float64)
-    assert zoo.key_frequencies(emb) == freqs
-    assert zoo.key_frequencies(emb, n=2) == freqs[:2]
+    assert spectra.key_frequencies(emb) == freqs
+    assert spectra.key_frequencies(emb, n=2) == freqs[:2]
     tokens, _ = zoo.all_pairs(p)
     ta, tb = tokens[:, 0], tokens[:, 1]
     w = 2 * math.pi * 4 / p
@@ -169,5 +170,5 @@ def test_fourier_helpers_find_planted_frequencies():
         [torch.cos(w * (ta + tb)), torch.sin(w * (ta - tb)), torch.randn(p * p, generator=gen, dtype=torch.float64)],
         dim=1,
     )
-    align = zoo.fourier_alignment(funcs, ta, tb, p, [4])
+    align = spectra.fourier_alignment(funcs, ta, tb, p, [4])
     assert align[0] > 1 - 1e-9 and align[1] > 1 - 1e-9 and align[2] < 0.05

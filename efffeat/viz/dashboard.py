@@ -18,7 +18,7 @@ from plotly.subplots import make_subplots
 from torch import Tensor
 
 from ..errors import ConfigError, DataError, FeatureIdError
-from ..ranking import group_positions
+from ..groups import group_positions, n_heads_of
 from ._inputs import Examples, as_examples, as_image, to_numpy, top_bottom
 
 TEMPLATE = "plotly_white"
@@ -55,6 +55,7 @@ def feature_dashboard(
     features: Any = None,
     table: Any = None,
     eigen: Any = None,
+    completeness: float | None = None,
     n_examples: int = 8,
     component: int | None = None,
     input_kind: str | None = None,
@@ -74,6 +75,8 @@ def feature_dashboard(
             activations, and `feature` one of their ids (``"1[3]"``) to show a neuron.
         table: an ``ef.rank`` `FeatureTable`; the feature's rank and score are read from it.
         eigen: ``ef.eigenfeatures`` of `data`; `feature` is then an eigenfeature index.
+        completeness: the dual model's completeness residual at the features' order, when already known
+            (an `efffeat.Analysis` has it); computed from `features` otherwise.
         n_examples: top and bottom examples shown.
         component: readout component drawn for a vector readout; by default the one the feature contributes
             most to.
@@ -96,7 +99,7 @@ def feature_dashboard(
     if eigen is not None:
         view = _eigen_view(dual, eigen, feature, component, examples)
         rank_text = f"eigenfeature {int(feature)} of {len(eigen.values)}, eigenvalue {float(eigen.values[feature]):.4g}"
-        order, completeness = eigen.meta.get("order"), None
+        order = eigen.meta.get("order")
     else:
         if features is None:
             features = dual.features(data)
@@ -106,7 +109,8 @@ def feature_dashboard(
             view = _id_view(dual, features, feature, component, examples)
         rank_text = _rank_text(table, feature)
         order = getattr(features, "order", None)
-        completeness = features.completeness() if hasattr(features, "completeness") else None
+        if completeness is None and hasattr(features, "completeness"):
+            completeness = features.completeness()
     if len(view.values) != len(examples):
         raise DataError(
             f"the feature has values for {len(view.values)} examples but data has {len(examples)}; "
@@ -123,10 +127,11 @@ def _id_view(dual: Any, feats: Any, fid: str, component: int | None, examples: E
         raise FeatureIdError(
             f"a feature is named by its id such as '0.weight[3,1]', got {fid!r}; pass an eigenfeature as eig[i]"
         )
-    n_heads = getattr(getattr(getattr(dual, "model", None), "cfg", None), "n_heads", None)
-    positions = group_positions(feats.ids, fid, n_heads)
-    slot, index = _parsed(feats.ids, fid)
-    single = index is not None and not any(isinstance(i, slice) for i in index)
+    model = getattr(dual, "model", None)
+    positions = group_positions(feats.ids, fid, None if model is None else n_heads_of(model))
+    parsed = feats.ids.parse(fid)
+    slot, index = parsed.slot, parsed.index
+    single = parsed.kind == "param"
     if single:
         values = _matrix(feats.column(fid))
         contributions = _matrix(feats.contributions([fid])[..., 0])
@@ -154,14 +159,6 @@ def _id_view(dual: Any, feats: Any, fid: str, component: int | None, examples: E
         _mark(slot, index, pictures[0][1].shape) if single and pictures else None,
         _picture_name(slot, index) if slot is not None else "",
     )
-
-
-def _parsed(ids: Any, fid: str) -> tuple[Any, tuple | None]:
-    """(slot, index) of a parameter id; (None, None) for ids that are not one tensor's entries (heads)."""
-    try:
-        return ids.parse(fid)
-    except FeatureIdError:
-        return None, None
 
 
 def _mark(slot: Any, index: tuple, shape: tuple[int, ...]) -> tuple[int, int]:

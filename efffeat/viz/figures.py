@@ -224,12 +224,12 @@ def _plane(w: Tensor) -> tuple[Tensor, str]:
 def fourier(run: Any, param: str = "embed.weight", p: int | None = None, n_key: int | None = None) -> go.Figure:
     """Fourier spectrum of a modular-addition model's token embedding, trained (θ*) and learned (Δθ).
 
-    Bars: the norm of the embedding's Fourier component at each frequency 1 … p // 2 (``ef.zoo.frequency_norms``
+    Bars: the norm of the embedding's Fourier component at each frequency 1 … p // 2 (``ef.spectra.frequency_norms``
     of the rows of `param` for the number tokens 0 … p − 1), for θ* and for Δθ = θ* − θ0; the key frequencies
-    (``ef.zoo.key_frequencies``, `n_key` of them or the count its largest drop gives) are labelled.
+    (``ef.spectra.key_frequencies``, `n_key` of them or the count its largest drop gives) are labelled.
     p: the modulus (default ``run.config["p"]``).
     """
-    from ..zoo import frequency_norms, key_frequencies
+    from ..spectra.fourier import frequency_norms, key_frequencies
 
     state = run.model.state_dict()
     if param not in state or state[param].ndim != 2:

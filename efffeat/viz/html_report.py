@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import html
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -12,11 +10,13 @@ from typing import Any
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
+from .._atomic import write_text_atomic
+from .._check import integer
+from ..dual import ORDERS
 from ..errors import ConfigError
 from . import figures
 from .dashboard import feature_dashboard
 
-ALL_ORDERS = ("init", "nlo", "trained", "path")
 _PLOT_CONFIG = {"displaylogo": False, "responsive": True}
 
 _STYLE = """
@@ -37,81 +37,76 @@ nav a { color: #c5cde0; margin-right: 14px; font-size: 13px; }
 
 
 def report(
-    dual: Any,
-    data: Any,
-    path: str | os.PathLike,
-    *,
-    features: Any = None,
-    table: Any = None,
-    eigen: Any = None,
+    source: Any,
+    *args: Any,
     comparison: Any = None,
-    orders: Sequence[str] = ALL_ORDERS,
-    by: str = "contribution",
-    group: str = "neuron",
+    orders: Sequence[str] = ORDERS,
     top: int = 5,
-    n_eigen: int = 20,
     title: str | None = None,
     figures_extra: Mapping[str, go.Figure] | None = None,
     dashboard_options: Mapping[str, Any] | None = None,
+    **analysis_options: Any,
 ) -> Path:
     """Write one HTML report of an analysis to `path` (atomically) and return the path.
 
-    Sections: the summary (model, parameters, examples, readout, the completeness of every order), the
-    ranking, the dashboards of the `top` ranked features, the spectrum of the effective kernel, the
-    comparison with baselines when `comparison` is given, and any `figures_extra` ({title: figure}).
+    ``report(analysis, path)`` reports an `efffeat.Analysis` (nothing it already holds is computed again);
+    ``report(dual, data, path, by=..., group=..., n_eigen=...)`` analyses `data` first (options as
+    `efffeat.Analysis`). Sections: the summary (model, parameters, examples, readout, the completeness of
+    each of `orders`, each computed once), the ranking, the dashboards of the `top` ranked features, the
+    spectrum of the effective kernel, the comparison with baselines when `comparison` is given, and any
+    `figures_extra` ({title: figure}).
 
     Args:
-        dual: the `DualModel`.
-        data: a tensor of inputs or an ``(inputs, targets)`` tuple (the examples shown in the dashboards).
+        source: an `efffeat.Analysis`, or a `DualModel` followed by its data.
         path: the ``.html`` file to write; its directory must exist.
-        features, table, eigen: precomputed ``dual.features(data)``, ``ef.rank(...)`` and
-            ``ef.eigenfeatures(...)``; computed here when None (`by`, `group`, `n_eigen`).
         comparison: an ``ef.compare`` `ComparisonTable` (or its records).
-        orders: the orders whose completeness the summary lists.
         dashboard_options: extra keyword arguments of `feature_dashboard` (``input_kind``, ``decode``...).
 
     Example::
 
-        ef.report(dual, run.data, "runs/tms/report.html")
+        ef.report(ef.analyse(dual, run.data), "runs/tms/report.html")
     """
+    from ..analysis import Analysis
+
+    if isinstance(source, Analysis):
+        if len(args) != 1 or analysis_options:
+            raise ConfigError("report(analysis, path): an Analysis already holds its data and settings")
+        an, (path,) = source, args
+    else:
+        if len(args) != 2:
+            raise ConfigError("report(dual, data, path) or report(analysis, path)")
+        an, path = Analysis(source, args[0], **analysis_options), args[1]
     path = Path(path)
     if not path.parent.is_dir():
         raise ConfigError(
             f"cannot write the report to {str(path)!r}: the directory {str(path.parent)!r} does not exist"
         )
-    if not isinstance(top, int) or top < 0:
-        raise ConfigError(f"top must be a non-negative integer, got {top!r}")
-    if features is None:
-        features = dual.features(data)
-    if table is None:
-        from ..ranking import rank
-
-        table = rank(features, by=by, group=group)
-    if eigen is None and n_eigen:
-        from ..kernels import eigenfeatures
-
-        # the kernel J Jᵀ has rank at most min(N·K, P): no more eigenpairs are worth asking for
-        eigen = eigenfeatures(features, k=min(n_eigen, features.n_examples * features.n_outputs, dual.n_features))
-    completeness = {o: dual.completeness(data, order=o) for o in orders}
+    integer("top", top, minimum=0)
+    dual, data, features, table = an.dual, an.data, an.features, an.table
+    completeness = an.completeness_by_order(orders)
     sections = [("summary", "Summary", _summary_html(dual, features, completeness))]
     sections.append(("ranking", "Ranking", _figure_html(figures.ranking(table, top=30))))
     options = dict(dashboard_options or {})
     dashboards = [
         f"<h3>{i + 1}. {html.escape(fid)}</h3>"
-        + _figure_html(feature_dashboard(dual, fid, data=data, features=features, table=table, **options))
+        + _figure_html(
+            feature_dashboard(
+                dual, fid, data=data, features=features, table=table, completeness=an.completeness(), **options
+            )
+        )
         for i, fid in enumerate(table.ids[:top])
     ]
     if dashboards:
         sections.append(("dashboards", f"Top {len(dashboards)} features", "\n".join(dashboards)))
-    if eigen is not None:
-        sections.append(("spectrum", "Spectrum of the effective kernel", _figure_html(figures.spectrum(eigen))))
+    if an.spectrum is not None:
+        sections.append(("spectrum", "Spectrum of the effective kernel", _figure_html(figures.spectrum(an.spectrum))))
     if comparison is not None:
         body = _records_html(figures.as_records(comparison)) + _figure_html(figures.comparison(comparison))
         sections.append(("comparison", "Comparison with baselines", body))
     for name, fig in (figures_extra or {}).items():
         sections.append((_anchor(name), name, _figure_html(fig)))
     title = title or f"efffeat report: {type(dual.model).__name__}"
-    _write_atomic(path, _page(title, _subtitle(dual, features), sections))
+    write_text_atomic(path, _page(title, _subtitle(dual, features, an.completeness()), sections))
     return path
 
 
@@ -134,10 +129,10 @@ def _summary_html(dual: Any, features: Any, completeness: Mapping[str, float]) -
     )
 
 
-def _subtitle(dual: Any, features: Any) -> str:
+def _subtitle(dual: Any, features: Any, completeness: float) -> str:
     return (
         f"{type(dual.model).__name__} · {dual.n_features:,} parameters · {features.n_examples:,} examples · "
-        f"order {features.order} · completeness residual {features.completeness():.3g}"
+        f"order {features.order} · completeness residual {completeness:.3g}"
     )
 
 
@@ -179,20 +174,3 @@ def _page(title: str, subtitle: str, sections: list[tuple[str, str, str]]) -> st
         f"<header><h1>{html.escape(title)}</h1><p>{html.escape(subtitle)}</p><nav>{nav}</nav></header>\n"
         f"<main>\n{body}\n</main>\n</body>\n</html>\n"
     )
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a report is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

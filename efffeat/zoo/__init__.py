@@ -6,7 +6,6 @@ MLP and a modular-addition transformer. Each constructor returns an untrained `R
 from __future__ import annotations
 
 from .digits import correct_logit, digits_mlp
-from .fourier import fourier_alignment, fourier_basis, fourier_features, frequency_norms, key_frequencies
 from .modular_addition import all_pairs, embedding, modular_addition, run_key_frequencies
 from .run import Run, load
 from .teacher_student import teacher_student
@@ -19,11 +18,6 @@ __all__ = [
     "correct_logit",
     "digits_mlp",
     "embedding",
-    "fourier_alignment",
-    "fourier_basis",
-    "fourier_features",
-    "frequency_norms",
-    "key_frequencies",
     "load",
     "modular_addition",
     "run_key_frequencies",

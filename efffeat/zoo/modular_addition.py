@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..spectra.fourier import key_frequencies
 from .digits import correct_logit
-from .fourier import key_frequencies
 from .run import Built, Recipe, Run, register
 
 # The MLP's hidden activations are the input of this module (see `efffeat.baselines.neurons`).

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .._savable import register as savable
 from ..errors import ConfigError, SaveFileError
 
 FORMAT = "efffeat.zoo.Run"
@@ -82,6 +83,7 @@ def seeded_build(build: Callable[[dict], Built], config: dict) -> Built:
         return build(config)
 
 
+@savable
 class Run:
     """A zoo model: network, θ0, data, ground truth and the recipe that trains it.
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .errors import DataError
+from ..errors import DataError
 
 
 def _t(x) -> Tensor:

@@ -27,7 +27,7 @@ How units meet the ground truth (the common space), per zoo model:
   (effective neuron groups: their contribution ``Σ_{μ∈G} Δθ_μ φ^E_μ(x)``; eigen: the eigenfunctions;
   dictionaries: their codes). Probed layer: the first hidden layer after its ReLU.
 - **modular addition** — functions over all p² pairs: the fraction of each unit's variance on the key
-  Fourier frequencies of the embedding (`efffeat.zoo.fourier_alignment`). Probed layer: the MLP's hidden units.
+  Fourier frequencies of the embedding (`efffeat.spectra.fourier_alignment`). Probed layer: the MLP's hidden units.
 
 ``fvu`` is the dictionary's fraction of variance unexplained on the probed activations. Effective features are
 computed in float64 (the kernel of a trained TMS is ill-conditioned, so its small eigenpairs need it); the
@@ -45,10 +45,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._savable import register
+from ..errors import ConfigError
 from . import metrics
-from .baselines import METHODS as DICTIONARY_METHODS
-from .baselines import dictionary, neurons
-from .errors import ConfigError
+from .dictionary import METHODS as DICTIONARY_METHODS
+from .dictionary import dictionary
+from .neurons import neurons
 
 METHODS = ("effective", "eigen", "neurons", *DICTIONARY_METHODS)
 
@@ -88,6 +90,7 @@ class _Units:
     fvu: float | None = None
 
 
+@register
 class ComparisonTable:
     """Scores of every method on one run: rows of ``{column: value}`` plus the run's description in `meta`.
 
@@ -180,7 +183,7 @@ def compare(
     meta: dict[str, Any] = {"kind": run.kind, "n_units": n_units, "order": order, "n_examples": acts.n_examples}
     feats = None
     if {"effective", "eigen"} & set(methods):
-        from .dual import DualModel
+        from ..dual import DualModel
 
         start = time.perf_counter()
         dual = DualModel(
@@ -220,12 +223,13 @@ def compare(
 
 
 def _effective(feats, setting: _Setting, w1: Tensor, n_units: int, kind: str) -> _Units:
-    from .ranking import group_positions, rank
+    from ..groups import group_positions
+    from ..ranking import rank
 
     table = rank(feats, by="contribution", group=setting.group)
     if setting.group == "param":  # TMS: a parameter of W₁[j, i] or of the decoder bias b_i is input axis i
         ids = list(table.ids[:n_units])
-        axes = [feats.ids.parse(i)[1][-1] for i in ids]
+        axes = [feats.ids.parse(i).index[-1] for i in ids]
         return _Units(torch.eye(w1.shape[1], dtype=torch.float64)[axes])
     prefix = f"{setting.weight}["
     ids = [i for i in table.ids if i.startswith(prefix)][:n_units]
@@ -241,7 +245,7 @@ def _effective(feats, setting: _Setting, w1: Tensor, n_units: int, kind: str) ->
 
 
 def _eigen(feats, setting: _Setting, w1: Tensor, n_units: int, seed: int) -> _Units:
-    from .kernels import eigenfeatures
+    from ..spectra import eigenfeatures
 
     eig = eigenfeatures(feats, k=min(n_units, feats.n_examples * feats.n_outputs), seed=seed)
     slot = feats.ids.slot(setting.weight)
@@ -268,7 +272,8 @@ def _score(run, units: _Units) -> dict[str, float]:
             "purity@20": float(metrics.top_k_purity(f, labels, 20).mean()),
             "selectivity": float(metrics.class_selectivity(f, labels).mean()),
         }
-    from .zoo import fourier_alignment, run_key_frequencies
+    from ..spectra.fourier import fourier_alignment
+    from ..zoo import run_key_frequencies
 
     tokens = run.data[0]
     freqs = run_key_frequencies(run)

@@ -1,0 +1,133 @@
+"""`Analysis`: everything efffeat says about one model on one dataset, each result computed once.
+
+The features of the dataset (one pass over the data), their ranking, the spectrum of their kernel and the
+completeness of the dual model at each order are computed on first use and kept; the report, the command
+line and the dashboards read them from here instead of computing them again. Searches over the analysed
+data run on the stored features (no further pass).
+
+Example::
+
+    an = ef.analyse(dual, x, by="contribution", group="neuron")
+    an.table.ids[:5], an.completeness(), an.completeness_by_order()
+    top = an.max_activating(an.table.ids[:3], k=8)
+    ef.report(an, "report.html")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import cached_property
+from typing import Any
+
+from ._check import integer, one_of, positive_int
+from .dual import ORDERS, DualModel
+from .errors import ConfigError
+from .features import EffectiveFeatures
+from .groups import GroupSpec, check
+from .ranking import FeatureTable, criterion, rank
+from .search import FeatureSpec, TopK, max_activating
+from .spectra import Spectrum, eigenfeatures
+
+
+class Analysis:
+    """One model's effective features on one dataset, their ranking, spectrum and completeness.
+
+    Args:
+        dual: the `DualModel`.
+        data: the examples (a tensor, an ``(inputs, targets)`` tuple, or an iterable of batches).
+        order: the order of the features (default: the model's).
+        by, group: the ranking (`efffeat.rank`).
+        n_eigen: eigenfeatures of the kernel to compute (0 for none); capped by the kernel's rank bound.
+        batch_size: examples per batch of the feature pass.
+        features: the features of `data` at `order` when they are already computed (no pass is made).
+
+    Attributes are computed on first access and kept: `features`, `table`, `spectrum`; `completeness(order)`
+    keeps one value per order.
+    """
+
+    def __init__(
+        self,
+        dual: DualModel,
+        data: Any,
+        order: str | None = None,
+        by: str = "contribution",
+        group: GroupSpec = "neuron",
+        n_eigen: int = 20,
+        batch_size: int = 256,
+        features: EffectiveFeatures | None = None,
+    ):
+        if not isinstance(dual, DualModel):
+            raise ConfigError(f"an Analysis is of a DualModel, got {type(dual).__name__}")
+        self.dual = dual
+        self.data = data
+        self.order = one_of("order", order or dual.order, ORDERS)
+        criterion(by)
+        check(group)
+        self.by = by
+        self.group = group
+        self.n_eigen = integer("n_eigen", n_eigen, minimum=0)
+        self.batch_size = positive_int("batch_size", batch_size)
+        self._completeness: dict[str, float] = {}
+        if features is not None:
+            if not isinstance(features, EffectiveFeatures) or features.order != self.order:
+                raise ConfigError(
+                    f"features= must be the EffectiveFeatures of the data at order {self.order!r}, got "
+                    f"{getattr(features, 'order', type(features).__name__)!r}"
+                )
+            if len(features.ids) != dual.n_features:
+                raise ConfigError("features= belong to a model with other parameters than this DualModel")
+            self.__dict__["features"] = features  # the cached value of the `features` property
+
+    def __repr__(self) -> str:
+        done = [name for name in ("features", "table", "spectrum") if name in self.__dict__]
+        return (
+            f"Analysis({type(self.dual.model).__name__}, order={self.order!r}, by={self.by!r}, "
+            f"group={self.group!r}, computed={done + sorted(self._completeness)})"
+        )
+
+    @cached_property
+    def features(self) -> EffectiveFeatures:
+        """The effective features of the data at `order` (one pass over the data)."""
+        return self.dual.features(self.data, batch_size=self.batch_size, order=self.order)
+
+    @cached_property
+    def table(self) -> FeatureTable:
+        """The ranking `by` / `group` of every feature or group."""
+        return rank(self.features, by=self.by, group=self.group)
+
+    @cached_property
+    def spectrum(self) -> Spectrum | None:
+        """The top `n_eigen` eigenfeatures of the effective kernel (None when `n_eigen` is 0)."""
+        if not self.n_eigen:
+            return None
+        f = self.features
+        # the kernel J Jᵀ has rank at most min(N·K, P): no more eigenpairs are worth asking for
+        return eigenfeatures(f, k=min(self.n_eigen, f.n_examples * f.n_outputs, f.n_features))
+
+    def completeness(self, order: str | None = None) -> float:
+        """The dual model's relative residual ``‖Σ Δθ φ^E − Δz‖ / ‖Δz‖`` at `order` (default: the analysis's).
+
+        Every order is computed the same way, by one pass of directional derivatives over the data
+        (`DualModel.completeness`; no feature pass), and at most once.
+        """
+        order = one_of("order", order or self.order, ORDERS)
+        if order not in self._completeness:
+            self._completeness[order] = self.dual.completeness(self.data, self.batch_size, order=order)
+        return self._completeness[order]
+
+    def completeness_by_order(self, orders: Sequence[str] = ORDERS) -> dict[str, float]:
+        """``{order: completeness}`` for each of `orders`, each computed at most once."""
+        return {o: self.completeness(o) for o in orders}
+
+    def max_activating(
+        self, features: FeatureSpec | Sequence[FeatureSpec], k: int = 16, by: str = "value", largest: bool = True
+    ) -> TopK:
+        """`efffeat.max_activating` over the analysed data, from the stored features (no pass over the data)."""
+        return max_activating(self.features, features, k=k, by=by, largest=largest)
+
+
+def analyse(dual: DualModel, data: Any, **options: Any) -> Analysis:
+    """An `Analysis` of `dual` on `data` with its features and ranking computed (options as `Analysis`)."""
+    an = Analysis(dual, data, **options)
+    an.table  # noqa: B018  (computes the features and the ranking now)
+    return an

@@ -15,6 +15,7 @@ from torch.func import functional_call
 
 import efffeat as ef
 from efffeat import theory
+from efffeat.theory.taylor import _directional_derivatives, _taylor_coefficients
 
 DT = torch.float64
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "validate_scaling.py"
@@ -211,8 +212,8 @@ def test_taylor_mode_equals_nested_jvps():
         model = theory.ntk_mlp(4, 16, depth=2, d_out=2, activation=activation, seed=1)
         theta0 = {n: p.detach() for n, p in model.named_parameters()}
         delta = {n: 0.3 * torch.randn_like(p) for n, p in theta0.items()}
-        coeffs = theory._taylor_coefficients(model, x, theta0, delta, 3)
-        terms = theory._directional_derivatives(lambda p, m=model: functional_call(m, p, (x,)), theta0, delta, 3)
+        coeffs = _taylor_coefficients(model, x, theta0, delta, 3)
+        terms = _directional_derivatives(lambda p, m=model: functional_call(m, p, (x,)), theta0, delta, 3)
         for j, (c, t) in enumerate(zip(coeffs, terms)):
             assert float((c - t / math.factorial(j)).abs().max()) < 1e-13 * max(1.0, float(t.abs().max()))
 

@@ -1,6 +1,6 @@
 """Theory that can be checked: what a network *should* become when trained, predicted from its initialisation.
 
-For the loss ``½ Σ_{α∈A} (z_α − y_α)²`` and full-batch gradient descent with learning rate η (math.md §1, §3):
+For the loss ``½ Σ_{α∈A} (z_α − y_α)²`` and full-batch gradient descent with learning rate η (docs/MATH.md):
 
 - `kernel_gd` (``predict.py``): leading order (LO) — the network trains like a linear model on its initial
   features, so ``z_T(x) = z0(x) − H(x, A) H_AA⁻¹ [I − (I − η H_AA)^T] r0`` with ``r0 = z0(A) − y``, in closed

@@ -170,7 +170,7 @@ def nlo_predict(
     lr: float,
     steps: int | None = None,
 ) -> Prediction:
-    """The LO prediction plus the dNTK correction (math.md §3), after `steps` GD steps or converged.
+    """The LO prediction plus the dNTK correction (docs/MATH.md), after `steps` GD steps or converged.
 
     With ``M = I − lr H`` (``H = H_AA``), ``r⁰(t) = M^t r0``, ``c(t) = H⁻¹(I − M^t) r0``, the correction per GD step
     is ``S_δ(t) = lr Σ_α G_δα(t) r⁰_α(t) + (lr²/2) Σ_αα' dH_δαα' r⁰_α(t) r⁰_α'(t)`` with

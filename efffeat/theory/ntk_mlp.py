@@ -9,7 +9,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError, DataError
+from .._check import one_of, positive_int
+from ..errors import DataError
 
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU}
 
@@ -43,11 +44,9 @@ def ntk_mlp(
     Built from `FanInScale` + ``nn.Linear`` so efffeat's factored rules cover every parameter. `depth` hidden
     layers of `width` units; activation ``"tanh" | "relu" | "gelu"``.
     """
-    if activation not in _ACTIVATIONS:
-        raise ConfigError(f"unknown activation {activation!r}; choose one of {', '.join(_ACTIVATIONS)}")
-    for name, v in (("d_in", d_in), ("width", width), ("depth", depth), ("d_out", d_out)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+    activation = one_of("activation", activation, tuple(_ACTIVATIONS))
+    sizes = {"d_in": d_in, "width": width, "depth": depth, "d_out": d_out}
+    d_in, width, depth, d_out = (positive_int(name, v) for name, v in sizes.items())
     gen = torch.Generator().manual_seed(seed)
     layers: list[nn.Module] = []
     fan_in = d_in

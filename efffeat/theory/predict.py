@@ -7,12 +7,12 @@ Kernels of an actual model come from ``dntk.py`` (`kernel_predict` builds them a
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from .._check import integer, real
 from ..errors import ConfigError, DataError, NonFiniteError
 
 
@@ -82,11 +82,10 @@ def _problem(k_train: Tensor, k_test_train: Tensor, y: Tensor, z0_train: Tensor,
     return _Problem(k_train.to(dtype), k_test_train.to(dtype), *flat, k)
 
 
-def _check_lr_steps(lr: float, steps: int | None) -> None:
-    if not isinstance(lr, int | float) or isinstance(lr, bool) or not lr > 0 or not math.isfinite(lr):
-        raise ConfigError(f"lr must be a positive number, got {lr!r}")
-    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 0):
-        raise ConfigError(f"steps must be a non-negative integer, or None for the converged limit; got {steps!r}")
+def _lr_steps(lr: float, steps: int | None) -> tuple[float, int | None]:
+    """`lr` (> 0) and `steps` (≥ 0, or None for the converged limit), checked."""
+    lr = real("lr", lr, minimum=0, strict=True)
+    return lr, None if steps is None else integer("steps (or None for the converged limit)", steps, minimum=0)
 
 
 def _spectrum(h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -139,9 +138,8 @@ def kernel_gd(
     Returns:
         `Prediction` ``(train [N(, K)], test [M(, K)])``.
     """
-    _check_lr_steps(lr, steps)
-    if not isinstance(ridge, int | float) or isinstance(ridge, bool) or not ridge >= 0 or not math.isfinite(ridge):
-        raise ConfigError(f"ridge must be a non-negative number, got {ridge!r}")
+    lr, steps = _lr_steps(lr, steps)
+    ridge = real("ridge", ridge, minimum=0)
     p = _problem(K_train, K_test_train, y, z0_train, z0_test)
     kappa, e, null = _spectrum(p.h)
     s = kappa.clamp_min(0) + ridge
@@ -188,7 +186,7 @@ def nlo_predict(
     Returns:
         `Prediction` ``(train, test)``.
     """
-    _check_lr_steps(lr, steps)
+    lr, steps = _lr_steps(lr, steps)
     p = _problem(K_train, K_test_train, y, z0_train, z0_test)
     a, b = p.h.shape[0], p.h.shape[0] + p.h_test.shape[0]
     if not isinstance(dH, Tensor) or dH.numel() != b * b * a:

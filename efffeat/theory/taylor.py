@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.func import jvp
 from tqdm.auto import tqdm
 
+from .._check import integer, positive_int
 from .._data import as_batches, batch_to
 from .._swap import ParameterSwap
 from ..dual import init_parameters
@@ -102,8 +103,7 @@ class TaylorizedModel(nn.Module):
         self, model: nn.Module, init: Mapping[str, Tensor], order: int, dtype: torch.dtype | None = None
     ) -> None:
         super().__init__()
-        if not isinstance(order, int) or isinstance(order, bool) or order < 1:
-            raise ConfigError(f"order must be a positive integer (1, 2 or 3 are the useful ones), got {order!r}")
+        order = positive_int("order", order)
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         network = copy.deepcopy(model)
@@ -194,8 +194,7 @@ def taylorized_train(
             "loss must be callable(output, targets) and optimizer a factory callable(params), e.g. "
             "optimizer=lambda p: torch.optim.SGD(p, lr=0.1)"
         )
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
-        raise ConfigError(f"steps must be a non-negative integer, got {steps!r}")
+    steps = integer("steps", steps, minimum=0)
     taylor = TaylorizedModel(model, init, order, dtype)
     opt = optimizer(taylor.network.parameters())
     if not isinstance(opt, torch.optim.Optimizer):

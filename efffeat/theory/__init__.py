@@ -13,13 +13,16 @@ For the loss ``½ Σ_{α∈A} (z_α − y_α)²`` and full-batch gradient descen
 - `dntk` and `kernel_predict` (``dntk.py``): the dNTK of a model at θ0, and the LO (or NLO) prediction straight
   from a model, its θ0 and the training data (it builds the kernels, then calls `kernel_gd` or `nlo_predict`).
 - `taylorized_train` and `TaylorizedModel` (``taylor.py``): train the order-k Taylor polynomial of a network
-  around θ0 (Bai et al. 2020) with any loss, optimizer and data: Taylor-mode propagation through
-  ``nn.Sequential`` MLPs, nested forward-mode derivatives (jvp's) for any other model; no Hessian is formed.
+  around θ0 (Bai et al. 2020) with any loss, optimizer and data: Taylor-mode propagation through an
+  ``nn.Sequential`` of the layers in ``taylor.TAYLOR_MODE_RULES`` (Linear, `FanInScale`, Tanh, ReLU, Identity),
+  nested forward-mode derivatives (jvp's) for any other model (``TaylorizedModel.mode`` says which); no Hessian
+  is formed.
 - `ntk_mlp`, `FanInScale` and `relu_ntk` (``ntk_mlp.py``): an MLP in NTK parameterisation, its layer scaling,
   and the infinite-width NTK of its one-hidden-layer ReLU version.
 
-``predict.py`` holds the pure functions of kernels (tensors in, tensors out; no model, `DualModel` or features);
-``dntk.py`` the parts that need a model and build its kernels.
+``predict.py`` holds the pure functions of kernels (tensors in, tensors out; no model, `DualModel` or features)
+and imports no other file here; ``dntk.py`` builds a model's kernels and hands them to it; ``taylor.py`` and
+``ntk_mlp.py`` stand apart (Taylor mode knows `FanInScale`).
 
 Index conventions. Scalar outputs: kernels ``[N, N]`` / ``[M, N]``, targets ``[N]``. Vector outputs (K
 components): kernels ``[N, K, N, K]`` / ``[M, K, N, K]`` with targets ``[N, K]``, or equivalently the flattened

@@ -1,5 +1,6 @@
 """Taylorized training (Bai et al. 2020): train the order-k Taylor polynomial of a network in its parameters
-around θ0 (`taylorized_train`, `TaylorizedModel`), by Taylor-mode propagation or nested forward-mode jvp's."""
+around θ0 (`taylorized_train`, `TaylorizedModel`), by Taylor-mode propagation through the layers registered in
+`TAYLOR_MODE_RULES` or by nested forward-mode jvp's for any other model."""
 
 from __future__ import annotations
 
@@ -22,9 +23,6 @@ from ..dual import init_parameters
 from ..errors import ConfigError, DataError, NonFiniteError
 from .ntk_mlp import FanInScale
 
-# Layers `_taylor_coefficients` propagates Taylor series through (nn.Identity passes them on unchanged).
-_TAYLOR_MODE_LAYERS = (nn.Linear, FanInScale, nn.Tanh, nn.ReLU, nn.Identity)
-
 
 def _directional_derivatives(
     f: Callable[[dict[str, Tensor]], Tensor], at: dict[str, Tensor], direction: dict[str, Tensor], order: int
@@ -45,9 +43,66 @@ def _directional_derivatives(
     return derivatives(order)(at)
 
 
-def _taylor_mode_supported(model: nn.Module) -> bool:
-    """True for an ``nn.Sequential`` of layers with a Taylor-mode rule (`_taylor_coefficients`)."""
-    return isinstance(model, nn.Sequential) and all(isinstance(m, _TAYLOR_MODE_LAYERS) for m in model)
+# ---- Taylor mode: one propagation rule per layer family -------------------------------------------------
+# ``rule(layer, xs, theta0, delta) -> ys`` maps the Taylor coefficients in t of a layer's input, ``xs = [x_0, …,
+# x_k]`` (each ``[N, ...]``), to those of its output along θ0 + tΔ; `theta0` and `delta` hold the layer's own
+# parameters by their names in the layer (``"weight"``, ``"bias"``; empty for a parameter-free layer).
+_Params = dict[str, Tensor]
+TaylorRule = Callable[[nn.Module, list[Tensor], _Params, _Params], list[Tensor]]
+
+
+def _linear(layer: nn.Linear, xs: list[Tensor], theta0: _Params, delta: _Params) -> list[Tensor]:
+    """``x W(t)ᵀ + b(t)`` with ``W(t) = W0 + tΔW``, ``b(t) = b0 + tΔb``: the weights are exactly linear in t."""
+    w0, dw = theta0["weight"], delta["weight"]
+    ys = [F.linear(xs[0], w0)] + [F.linear(xs[j], w0) + F.linear(xs[j - 1], dw) for j in range(1, len(xs))]
+    if layer.bias is not None:
+        ys[0] = ys[0] + theta0["bias"]
+        if len(ys) > 1:
+            ys[1] = ys[1] + delta["bias"]
+    return ys
+
+
+def _fixed_linear(layer: nn.Module, xs: list[Tensor], theta0: _Params, delta: _Params) -> list[Tensor]:
+    """A parameter-free layer linear in its input maps each coefficient on its own."""
+    return [layer(xj) for xj in xs]
+
+
+def _relu(layer: nn.ReLU, xs: list[Tensor], theta0: _Params, delta: _Params) -> list[Tensor]:
+    """Linear on each side of 0: every coefficient times the mask of ``x_0 > 0``."""
+    mask = (xs[0] > 0).to(xs[0].dtype)
+    return [xj * mask for xj in xs]
+
+
+def _tanh(layer: nn.Tanh, xs: list[Tensor], theta0: _Params, delta: _Params) -> list[Tensor]:
+    """``y = tanh x`` by the recurrence of ``y' = (1 − y²) x'``."""
+    ys = [torch.tanh(xs[0])]
+    ss = [1 - ys[0] ** 2]  # Taylor coefficients of tanh'(x(t)) = 1 − y(t)²
+    for j in range(1, len(xs)):
+        ys.append(sum(i * xs[i] * ss[j - i] for i in range(1, j + 1)) / j)
+        ss.append(-sum(ys[i] * ys[j - i] for i in range(j + 1)))
+    return ys
+
+
+# The layers Taylor mode propagates through, by type; a subclass takes the rule of its nearest registered base
+# class (register the subclass itself if its forward differs). Add an entry to support another layer.
+TAYLOR_MODE_RULES: dict[type[nn.Module], TaylorRule] = {
+    nn.Linear: _linear,
+    FanInScale: _fixed_linear,
+    nn.Tanh: _tanh,
+    nn.ReLU: _relu,
+    nn.Identity: _fixed_linear,
+}
+
+
+def _taylor_rule(layer: nn.Module) -> TaylorRule | None:
+    """The `TAYLOR_MODE_RULES` entry of `layer`'s type or of its nearest base class, None without one."""
+    return next((TAYLOR_MODE_RULES[c] for c in type(layer).__mro__ if c in TAYLOR_MODE_RULES), None)
+
+
+def _mode(model: nn.Module) -> str:
+    """``"taylor"`` for an ``nn.Sequential`` whose every layer has a Taylor-mode rule, ``"jvp"`` otherwise."""
+    supported = isinstance(model, nn.Sequential) and all(_taylor_rule(m) is not None for m in model)
+    return "taylor" if supported else "jvp"
 
 
 def _taylor_coefficients(
@@ -57,30 +112,13 @@ def _taylor_coefficients(
 
     The same coefficients as `_directional_derivatives` (``g_j = D^j f[Δ^j] / j!``) at the cost of about
     ``order + 1`` forward passes instead of ``2^order``: every layer maps the Taylor coefficients of its input
-    to those of its output (a Linear layer's weights are exactly linear in t; tanh follows ``y' = (1 − y²) x'``).
+    to those of its output by its rule in `TAYLOR_MODE_RULES`. θ0 and Δ are keyed by ``model.named_parameters()``.
     """
     xs = [x] + [torch.zeros_like(x)] * order
     for name, layer in model.named_children():
-        if isinstance(layer, nn.Linear):
-            w0, dw = theta0[f"{name}.weight"], delta[f"{name}.weight"]
-            ys = [F.linear(xs[0], w0)] + [F.linear(xs[j], w0) + F.linear(xs[j - 1], dw) for j in range(1, order + 1)]
-            if layer.bias is not None:
-                ys[0] = ys[0] + theta0[f"{name}.bias"]
-                if order >= 1:
-                    ys[1] = ys[1] + delta[f"{name}.bias"]
-            xs = ys
-        elif isinstance(layer, FanInScale):
-            xs = [layer(xj) for xj in xs]
-        elif isinstance(layer, nn.ReLU):
-            mask = (xs[0] > 0).to(xs[0].dtype)
-            xs = [xj * mask for xj in xs]
-        elif isinstance(layer, nn.Tanh):
-            ys = [torch.tanh(xs[0])]
-            ss = [1 - ys[0] ** 2]  # Taylor coefficients of tanh'(x(t)) = 1 − y(t)²
-            for j in range(1, order + 1):
-                ys.append(sum(i * xs[i] * ss[j - i] for i in range(1, j + 1)) / j)
-                ss.append(-sum(ys[i] * ys[j - i] for i in range(j + 1)))
-            xs = ys
+        own = [n for n, _ in layer.named_parameters()]
+        theta0_own, delta_own = ({n: d[f"{name}.{n}"] for n in own} for d in (theta0, delta))
+        xs = _taylor_rule(layer)(layer, xs, theta0_own, delta_own)
     return xs
 
 
@@ -96,7 +134,17 @@ class TaylorizedModel(nn.Module):
     linearised (NTK) model, 2 the quadratic model (dNTK), 3 adds the ddNTK terms. Train it like any module;
     `taylorized_train` does so with the same loss, optimizer and data as the real network.
 
-    Attributes (after `taylorized_train`): ``losses_ [steps]``, the training loss at each step.
+    Both ways of evaluating the polynomial are exact; which one a model takes is fixed when it is built:
+
+    - ``mode == "taylor"``: an ``nn.Sequential`` whose every layer is one of the Taylor-mode layers —
+      ``nn.Linear``, `FanInScale`, ``nn.Tanh``, ``nn.ReLU``, ``nn.Identity`` or a subclass (the entries of
+      `TAYLOR_MODE_RULES`, where more can be registered) — propagates Taylor coefficients layer by layer, about
+      ``order + 1`` forward passes;
+    - ``mode == "jvp"``: any other model (another layer type, a custom module, nested containers) takes
+      ``order`` nested forward-mode jvp's, about ``2^order`` forward passes.
+
+    Attributes: ``order``; ``mode``, ``"taylor"`` or ``"jvp"`` as above; after `taylorized_train`,
+    ``losses_ [steps]``, the training loss at each step.
     """
 
     def __init__(
@@ -116,7 +164,7 @@ class TaylorizedModel(nn.Module):
         self.network = network
         self._swap = ParameterSwap(network)
         self.order = order
-        self._taylor_mode = _taylor_mode_supported(network)
+        self.mode = _mode(network)
         self._names = list(theta0)
         for n in self._names:
             self.register_buffer(_buffer_name(n), theta0[n].clone())
@@ -139,7 +187,7 @@ class TaylorizedModel(nn.Module):
         """The Taylor polynomial's output for inputs `x` (same shape as the network's output)."""
         theta0 = self.theta_init
         delta = {n: p - theta0[n] for n, p in self.network.named_parameters()}
-        if self._taylor_mode:
+        if self.mode == "taylor":
             return sum(_taylor_coefficients(self.network, x, theta0, delta, self.order))
         terms = _directional_derivatives(lambda p: self._swap.call(p, x), theta0, delta, self.order)
         return sum(t / math.factorial(j) for j, t in enumerate(terms))
@@ -150,7 +198,7 @@ class TaylorizedModel(nn.Module):
             return self(batch_to(x, self.device, self.dtype)).detach()
 
     def extra_repr(self) -> str:
-        return f"order={self.order}"
+        return f"order={self.order}, mode={self.mode}"
 
 
 def _training_batches(data: Any) -> Iterator[Any]:
@@ -178,7 +226,9 @@ def taylorized_train(
         model: the architecture (its current parameters are not used; it is copied, never modified).
         init: θ0, the model's ``state_dict()`` at initialisation.
         order: 1 (linearised/NTK), 2 (quadratic/dNTK) or 3 (adds the ddNTK terms). A step costs about
-            ``order + 1`` forward passes for an ``nn.Sequential`` of Linear/tanh/ReLU layers, ``2^order`` otherwise.
+            ``order + 1`` forward passes for an ``nn.Sequential`` of Taylor-mode layers (``nn.Linear``,
+            `FanInScale`, ``nn.Tanh``, ``nn.ReLU``, ``nn.Identity``), and ``2^order`` for any other model, which
+            takes nested forward-mode jvp's (just as exact); ``.mode`` of the result tells which (`TaylorizedModel`).
         data: ``(inputs, targets)`` for full-batch training (every step sees the whole tuple), or an iterable of
             ``(inputs, targets)`` batches, cycled one step per batch.
         loss: ``loss(output, targets) -> scalar``, e.g. ``lambda z, y: 0.5 * (z - y).square().sum()``.

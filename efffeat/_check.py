@@ -34,8 +34,9 @@ def real(name: str, value: Any, minimum: float | None = None, strict: bool = Fal
     if ok and minimum is not None:
         ok = value > minimum if strict else value >= minimum
     if not ok:
-        bound = "" if minimum is None else f" {'>' if strict else '≥'} {minimum:g}"
-        raise ConfigError(f"{name} must be a finite number{bound}, got {value!r}")
+        sign = ("positive " if strict else "non-negative ") if minimum == 0 else ""
+        bound = "" if minimum in (None, 0) else f" {'>' if strict else '≥'} {minimum:g}"
+        raise ConfigError(f"{name} must be a {sign}finite number{bound}, got {value!r}")
     return float(value)
 
 

@@ -15,6 +15,7 @@ from torch.func import functional_call
 
 import efffeat as ef
 from efffeat import theory
+from efffeat.theory.taylor import TAYLOR_MODE_RULES, _directional_derivatives, _taylor_coefficients
 
 DT = torch.float64
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "validate_scaling.py"
@@ -211,10 +212,47 @@ def test_taylor_mode_equals_nested_jvps():
         model = theory.ntk_mlp(4, 16, depth=2, d_out=2, activation=activation, seed=1)
         theta0 = {n: p.detach() for n, p in model.named_parameters()}
         delta = {n: 0.3 * torch.randn_like(p) for n, p in theta0.items()}
-        coeffs = theory._taylor_coefficients(model, x, theta0, delta, 3)
-        terms = theory._directional_derivatives(lambda p, m=model: functional_call(m, p, (x,)), theta0, delta, 3)
+        coeffs = _taylor_coefficients(model, x, theta0, delta, 3)
+        terms = _directional_derivatives(lambda p, m=model: functional_call(m, p, (x,)), theta0, delta, 3)
         for j, (c, t) in enumerate(zip(coeffs, terms)):
             assert float((c - t / math.factorial(j)).abs().max()) < 1e-13 * max(1.0, float(t.abs().max()))
+
+
+class Square(nn.Module):
+    """A custom layer without a Taylor-mode rule."""
+
+    def forward(self, x):
+        return x * x
+
+
+def square_rule(layer, xs, theta0, delta):
+    """Taylor mode for `Square`: the Cauchy product of the input's coefficients with themselves."""
+    return [sum(xs[i] * xs[j - i] for i in range(j + 1)) for j in range(len(xs))]
+
+
+def test_taylor_mode_takes_registered_layers_and_nested_jvps_take_the_rest(monkeypatch):
+    torch.manual_seed(0)
+    x = torch.randn(5, 4, dtype=DT)
+    body = [theory.FanInScale(4), nn.Linear(4, 8), nn.Tanh(), nn.Identity(), nn.Linear(8, 8), nn.ReLU()]
+
+    def check(extra: list[nn.Module], mode: str) -> None:
+        net = nn.Sequential(*body, *extra, nn.Linear(8, 2)).to(DT)
+        wrapped = Wrapped(net)
+        taylor = theory.TaylorizedModel(net, state(net), order=3)
+        jvps = theory.TaylorizedModel(wrapped, state(wrapped), order=3)
+        assert (taylor.mode, jvps.mode) == (mode, "jvp") and f"mode={mode}" in repr(taylor)
+        with torch.no_grad():
+            for p, q in zip(taylor.network.parameters(), jvps.network.parameters()):
+                step = 0.3 * torch.randn_like(p)
+                p.add_(step), q.add_(step)
+        assert rel(taylor.predict(x), jvps.predict(x)) < 1e-10
+        assert rel(taylor.predict(x), net(x).detach()) > 1e-6  # Δθ moved the polynomial away from f(θ0)
+
+    check([], "taylor")
+    check([nn.GELU()], "jvp")
+    check([Square()], "jvp")
+    monkeypatch.setitem(TAYLOR_MODE_RULES, Square, square_rule)
+    check([Square()], "taylor")  # a custom layer, once registered
 
 
 @pytest.mark.parametrize("wrap", [False, True], ids=["taylor-mode", "nested-jvp"])

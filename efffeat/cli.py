@@ -243,7 +243,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from .dual import ORDERS
-    from .ranking import BY, GROUPS
+    from .ranking import CRITERIA, GROUPS
 
     parser = _Parser(
         prog="efffeat",
@@ -287,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
         "top ranked features, save analysis.json, and write the HTML report with --report.",
     )
     p.add_argument("--order", choices=ORDERS, default="nlo", help="order of the effective features (default nlo)")
-    p.add_argument("--by", choices=BY, default="contribution", help="ranking score (default contribution)")
+    p.add_argument("--by", choices=list(CRITERIA), default="contribution", help="ranking score (default contribution)")
     p.add_argument("--group", choices=GROUPS, default="neuron", help="ranking groups (default neuron)")
     p.add_argument("--top", type=_positive, default=10, help="rows of the ranking printed (default 10)")
     p.add_argument("--dashboards", type=_count, default=5, help="feature dashboards in the report")

@@ -123,7 +123,7 @@ register_criterion(Criterion("variance", _variance, aggregate="sum"))
 register_criterion(Criterion("learned", _learned, needs_init=True))
 register_criterion(Criterion("weight", lambda f, _: f.flat_delta().abs()))
 
-BY = tuple(CRITERIA)
+BY = tuple(CRITERIA)  # the criteria efffeat ships; `CRITERIA` also holds those registered later
 GROUPS = groups.KINDS
 
 

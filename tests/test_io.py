@@ -123,7 +123,15 @@ def _result_objects():
     x = torch.randn(9, 4, dtype=torch.float64)
     feats = dual.features(x)
     run = tms(n_features=4, n_hidden=2, n_data=16, batch_size=8, seed=0).train(steps=3, progress=False)
+    from efffeat.baselines import neurons
+    from efffeat.spectra import eigenmodes, flattened_modes, track
+
     return {
+        "EffectiveFeatures": feats,
+        "NeuronActivations": neurons(model, x, "1"),
+        "Spectrum(kernel matrix)": eigenmodes(feats.kernel(reduce="pairs"), k=4),
+        "Spectrum(P×P Gram)": flattened_modes(feats, 3),
+        "Tracking": track([(0, 1.0), (5, 2.0), (9, 2.5)], analyse=float, progress=False),
         "FeatureTable(param)": rank(feats, by="contribution"),
         "FeatureTable(neuron)": rank(feats, by="variance", group="neuron", top=4),
         "TopK": max_activating(dual, x, ["0.weight[1,:]", "2.weight[0,3]"], k=3, progress=False),
@@ -142,6 +150,14 @@ def test_every_result_type_round_trips_through_a_file(tmp_path):
         assert tensors_back.keys() == tensors.keys(), name
         for key, t in tensors.items():
             assert_identical(tensors_back[key], t)
+
+
+def test_every_savable_class_is_covered_above():
+    import efffeat.baselines.compare  # noqa: F401  (registers its classes)
+    import efffeat.zoo  # noqa: F401
+    from efffeat._savable import _CLASSES
+
+    assert set(_CLASSES.values()) <= {type(obj) for obj in _result_objects().values()} | {Box}
 
 
 def test_saving_rows_of_features_saves_only_those_rows(tmp_path):

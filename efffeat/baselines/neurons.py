@@ -17,9 +17,11 @@ import torch
 from torch import Tensor, nn
 
 from .._data import as_batches, batch_inputs
+from .._savable import register
 from ..errors import ConfigError, DataError, FeatureIdError
 
 
+@register
 @dataclass
 class NeuronActivations:
     """Activations of a layer's units over a dataset.

@@ -256,7 +256,7 @@ def _summary(view: FeatureView, rank_text: str, order: str | None, completeness:
 
 # ---- drawing ---------------------------------------------------------------------------------------------
 def _figure(view: FeatureView, ex: Examples, top: np.ndarray, bottom: np.ndarray, summary: str) -> go.Figure:
-    n_cols = max(len(top), 4)
+    n_cols = max(len(top), len(bottom), 4)
     n_pics = len(view.pictures)
     images = ex.kind == "image"
     row_kind = {"type": "xy"} if images else {"type": "table", "colspan": n_cols}

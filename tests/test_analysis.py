@@ -1,0 +1,85 @@
+"""`Analysis`: each result computed once, and the journey features → rank → search → dashboard → report in one pass."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from _models import trained_digits_mlp
+
+import efffeat as ef
+from efffeat.dual import DualModel
+from efffeat.zoo.digits import correct_logit
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """A digits MLP's DualModel whose feature passes and completeness calls are counted."""
+    model, init, x, y = trained_digits_mlp(120, torch.nn.ReLU, steps=30)
+    dual = ef.DualModel(model, init, readout=correct_logit, order="nlo", progress=False)
+    calls: collections.Counter = collections.Counter()
+    iter_features, completeness = DualModel.iter_features, DualModel.completeness
+
+    def counting_iter(self, *args, **kwargs):
+        calls["feature passes"] += 1
+        return iter_features(self, *args, **kwargs)
+
+    def counting_completeness(self, data, batch_size=256, order=None):
+        calls[f"completeness {order or self.order}"] += 1
+        return completeness(self, data, batch_size, order)
+
+    monkeypatch.setattr(DualModel, "iter_features", counting_iter)
+    monkeypatch.setattr(DualModel, "completeness", counting_completeness)
+    return dual, (x, y), calls
+
+
+def test_the_journey_makes_one_feature_pass(counted, tmp_path):
+    dual, data, calls = counted
+    an = ef.analyse(dual, data, group="neuron", n_eigen=4)
+    top = ef.max_activating(an.features, an.table.ids[:3], k=5)
+    assert top.meta["n_examples"] == 120
+    same = an.max_activating(an.table.ids[:3], k=5)
+    assert all(torch.equal(top[i].indices, same[i].indices) for i in range(3))
+    ef.viz.feature_dashboard(
+        dual, an.table.ids[0], top, data=data, features=an.features, table=an.table, completeness=an.completeness()
+    )
+    ef.report(an, tmp_path / "report.html", top=2)
+    ef.report(an, tmp_path / "again.html", top=1)
+    assert calls["feature passes"] == 1
+    assert {k: v for k, v in calls.items() if k.startswith("completeness")} == {
+        f"completeness {o}": 1 for o in ef.ORDERS
+    }
+
+
+def test_searching_stored_features_equals_streaming_the_data(counted):
+    dual, data, _ = counted
+    feats = dual.features(data, batch_size=32)
+    ids = ["0.weight[2,:]", "2.weight[1,3]", "0.weight[:,30]"]
+    for by in ("value", "contribution"):
+        for largest in (True, False):
+            stored = ef.max_activating(feats, ids, k=7, by=by, largest=largest)
+            streamed = ef.max_activating(dual, data, ids, k=7, by=by, largest=largest, batch_size=32, progress=False)
+            for fid in ids:
+                assert torch.equal(stored[fid].indices, streamed[fid].indices)
+                torch.testing.assert_close(stored[fid].values, streamed[fid].values, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ef.ConfigError, match="already hold their data"):
+        ef.max_activating(feats, data, ids)
+    with pytest.raises(ef.ConfigError, match="DualModel's data or EffectiveFeatures"):
+        ef.max_activating("features", data, ids)
+
+
+def test_analysis_checks_its_settings_and_reuses_given_features(counted):
+    dual, data, calls = counted
+    with pytest.raises(ef.ConfigError, match="unknown by"):
+        ef.Analysis(dual, data, by="loudness")
+    with pytest.raises(ef.ConfigError, match="unknown group"):
+        ef.Analysis(dual, data, group="layer")
+    with pytest.raises(ef.ConfigError, match="order 'nlo'"):
+        ef.Analysis(dual, data, features=dual.features(data, order="init"))
+    feats = dual.features(data)
+    an = ef.Analysis(dual, data, features=feats, n_eigen=0)
+    assert an.features is feats and an.spectrum is None
+    assert an.table.ids == ef.rank(feats, group="neuron").ids
+    assert "computed=['features', 'table', 'spectrum']" in repr(an)
+    assert calls["feature passes"] == 2  # the two dual.features calls above, none by the Analysis

@@ -1,7 +1,7 @@
 """`DualModel`: a trained network, its initialisation and a readout, seen as a regression on features.
 
 ``f(x; θ*) = f(x; θ0) + Σ_μ Δθ_μ φ^E_μ(x)`` with weights Δθ = θ* − θ0 and effective features φ^E of the
-chosen order (design.md §1, math.md §2):
+chosen order (docs/MATH.md §2):
 
 ======== ============================================= ==================================
 order    φ^E_μ(x)                                      completeness error

@@ -6,7 +6,7 @@
 
 The measured tables are in docs/validation/scaling.md.
 
-Setting (math.md §5, check 7c): an MLP in NTK parameterisation (`ef.theory.ntk_mlp`), float64, a fixed regression
+Setting (docs/validation/scaling.md): an MLP in NTK parameterisation (`ef.theory.ntk_mlp`), float64, a fixed regression
 task (d = 4, 8 training and 4 test points, y = sin(2 x·u / √d)), full-batch gradient descent on ½ Σ (z − y)² with
 η = 1/λ_max of the network's own initial NTK, T steps. Per width and seed, against the trained network on all
 12 points (rms error of the outputs, which are O(1)):

@@ -1,4 +1,4 @@
-"""The dual regression model: completeness by order (math.md §5 checks 3, 4, 5) and its invariants."""
+"""The dual regression model: completeness by order (docs/MATH.md §5, checks 3, 4, 5) and its invariants."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Effective features of every order against per-example autograd references (math.md §5 checks 1, 2, 6)."""
+"""Effective features of every order against per-example autograd references (docs/MATH.md §5, checks 1, 2, 6)."""
 
 from __future__ import annotations
 

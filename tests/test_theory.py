@@ -1,4 +1,4 @@
-"""ef.theory against brute force: explicit gradient descent, Hessians, synthetic quadratic models (math.md §5, 7–9)."""
+"""ef.theory against brute force: explicit gradient descent, Hessians, synthetic quadratic models (docs/MATH.md §5, checks 7–10)."""
 
 from __future__ import annotations
 

@@ -9,12 +9,17 @@ in the hidden space as column ``W[:, i]``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..nn import TransposedLinear
 from .run import Built, Recipe, Run, register
+
+if TYPE_CHECKING:
+    from plotly.graph_objects import Figure
 
 
 class ToyModel(nn.Module):
@@ -74,7 +79,24 @@ def _evaluate(run: Run) -> dict[str, float]:
     return {"loss": float(loss)}
 
 
-register("tms", Recipe(_build, _optimizer, _loss, _evaluate, readout="output"))
+def tms_geometry_figure(run: Run) -> Figure:
+    """`efffeat.viz.tms_geometry` of a TMS run: its trained W ``[n_hidden, n_features]`` and W at init."""
+    from ..viz import tms_geometry
+
+    return tms_geometry(run.model.W, run.init_state["encoder.weight"])
+
+
+register(
+    "tms",
+    Recipe(
+        _build,
+        _optimizer,
+        _loss,
+        _evaluate,
+        readout="output",
+        figures=lambda run: {"Geometry of the toy model": tms_geometry_figure(run)},
+    ),
+)
 
 
 def tms(

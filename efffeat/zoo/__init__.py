@@ -1,7 +1,8 @@
 """Reference models that keep their initialisation: toy models of superposition, a teacher–student MLP, a digits
 MLP and a modular-addition transformer. Each constructor returns an untrained `Run`; ``run.train()`` trains it,
-``run.save(path)`` / `load` keep it. Each kind's `Recipe` also says which figures its report shows
-(``run.recipe.figures(run)``: `tms_geometry_figure`, `fourier_figure`).
+``run.save(path)`` / `load` keep it. Each kind's `Recipe` also says where `efffeat.compare` probes it, how its
+units are scored, and which figures its report shows (``run.recipe.figures(run)``: `tms_geometry_figure`,
+`fourier_figure`).
 """
 
 from __future__ import annotations

@@ -9,19 +9,21 @@ The analysis data is every pair: ``run.data = (tokens [p², 3], labels [p²])``,
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..spectra.fourier import frequency_norms, key_frequencies
+from ..spectra.fourier import fourier_alignment, frequency_norms, key_frequencies
 from .digits import correct_logit
 from .run import Built, Recipe, Run, register
 
 if TYPE_CHECKING:
     from plotly.graph_objects import Figure
+
+    from ..baselines import Probe, Units
 
 # The MLP's hidden activations are the input of this module (see `efffeat.baselines.neurons`).
 MLP_OUT = "blocks.0._original_component.mlp._original_component.fc_out"
@@ -122,6 +124,21 @@ def _decode(tokens: Sequence[int]) -> str:
     return f"{tokens[0]} + {tokens[1]} ="
 
 
+def _probe(config: dict) -> Probe:
+    """The MLP's hidden units (the input of its output projection); W₁ is the MLP's input weight."""
+    from ..baselines import Probe
+
+    return Probe(MLP_OUT, "input", "blocks.0.mlp.in.weight", "neuron", 16)
+
+
+def _score(run: Run, units: Units) -> dict[str, Any]:
+    """The fraction of each unit's variance over all pairs on the run's key frequencies, and those frequencies."""
+    tokens = run.data[0]
+    freqs = run_key_frequencies(run)
+    align = fourier_alignment(units.functions, tokens[:, 0], tokens[:, 1], run.config["p"], freqs)
+    return {"fourier": float(align.mean()), "key_freqs": " ".join(str(k) for k in freqs)}
+
+
 register(
     "modular_addition",
     Recipe(
@@ -130,6 +147,8 @@ register(
         _loss,
         _evaluate,
         readout=correct_logit,
+        probe=_probe,
+        score=_score,
         figures=lambda run: {"Fourier view of the embedding": fourier_figure(run)},
         dashboard_options=lambda run: {"decode": _decode},
     ),

@@ -6,7 +6,8 @@ per-parameter gradient features corrected by second-derivative meta-features (Ro
 dual regression model ``f(x; θ*) = f(x; θ0) + Σ_μ Δθ_μ φ^E_μ(x)`` and ranks, searches and visualises them.
 
 ``import efffeat`` loads the engine only; the parts that need plotly, scipy, scikit-learn or TransformerLens
-(`viz`, `report`, `baselines`, `compare`, `theory`, `zoo`, `distributed`) load on first use.
+(`viz`, `report`, `baselines`, `compare`, `register_baseline`, `theory`, `zoo`, `distributed`) load on first
+use.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from .spectra import Spectrum, eigenfeatures
 
 if TYPE_CHECKING:
     from . import baselines, distributed, metrics, theory, viz, zoo
+    from .baselines import register_baseline
     from .baselines.compare import ComparisonTable, compare
     from .viz import report
 
@@ -57,6 +59,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "compare": (".baselines.compare", "compare"),
     "ComparisonTable": (".baselines.compare", "ComparisonTable"),
     "report": (".viz", "report"),
+    "register_baseline": (".baselines", "register_baseline"),
 }
 
 
@@ -110,6 +113,7 @@ __all__ = [
     "max_activating",
     "metrics",
     "rank",
+    "register_baseline",
     "register_criterion",
     "register_rule",
     "report",

@@ -163,25 +163,14 @@ def _analysis(run: Any, order: str, max_examples: int, by: str, group: str) -> A
 def _write_report(run: Any, an: Any, path: Path, **options: Any) -> Path:
     from . import viz
 
-    extra = {}
-    if run.kind == "tms":
-        extra["Geometry of the toy model"] = viz.tms_geometry(run)
-    if run.kind == "modular_addition":
-        extra["Fourier view of the embedding"] = viz.fourier(run)
     return viz.report(
         an,
         path,
-        figures_extra=extra,
-        dashboard_options=_dashboard_options(run),
+        figures_extra=run.recipe.figures(run),
+        dashboard_options=run.recipe.dashboard_options(run),
         title=f"efffeat report: {run.kind}",
         **options,
     )
-
-
-def _dashboard_options(run: Any) -> dict[str, Any]:
-    if run.kind == "modular_addition":
-        return {"decode": lambda tokens: f"{tokens[0]} + {tokens[1]} ="}
-    return {}
 
 
 def _analysis_settings(directory: str) -> dict[str, Any]:

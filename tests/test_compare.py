@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
+import efffeat as ef
 import efffeat.zoo as zoo
+from efffeat.baselines import BASELINES, Baseline, Units, metrics, register_baseline
 from efffeat.baselines.compare import ComparisonTable, compare
 from efffeat.errors import ConfigError
 
@@ -59,3 +63,38 @@ def test_compare_rejects_unknown_methods(pentagon):
         compare(pentagon, methods=("effective", "kmeans"))
     with pytest.raises(ConfigError, match="n_units"):
         compare(pentagon, methods=("neurons",), n_units=0)
+
+
+@pytest.fixture
+def mine():
+    """A user's baseline, registered from outside the package: the top principal axes of the input data."""
+
+    def principal_axes(context, n_units, seed, keep=None):
+        x = context.run.data.double()
+        vh = torch.linalg.svd(x - x.mean(dim=0), full_matrices=False).Vh
+        return Units(directions=vh[: keep or n_units])
+
+    register_baseline(Baseline("mine", principal_axes))
+    yield
+    del BASELINES["mine"]
+
+
+def test_a_registered_baseline_is_compared_like_the_others(pentagon, mine):
+    table = ef.compare(pentagon, methods=["neurons", "mine"])
+    assert [r["method"] for r in table.rows] == ["neurons", "mine"]
+    x = pentagon.data.double()
+    want = torch.linalg.svd(x - x.mean(dim=0), full_matrices=False).Vh[:5]
+    row = table["mine"]
+    assert row["units"] == 5 and "fvu" not in row  # the probe's n_units: TMS n_features
+    assert row["mmcs"] == pytest.approx(metrics.mmcs(pentagon.ground_truth, want))
+    assert row["polysemanticity"] == pytest.approx(float(metrics.polysemanticity(want, pentagon.ground_truth).mean()))
+    assert compare(pentagon, methods=["mine"], method_options={"mine": {"keep": 3}})["mine"]["units"] == 3
+    with pytest.raises(ConfigError, match="register_baseline"):
+        compare(pentagon, methods=("mine", "kmeans"))
+
+
+def test_a_recipe_without_a_probe_cannot_be_compared():
+    run = zoo.tms(n_data=16, seed=0)
+    run.recipe = dataclasses.replace(run.recipe, probe=None)
+    with pytest.raises(ConfigError, match="recipe has no probe.*probe="):
+        compare(run, methods=("neurons",))

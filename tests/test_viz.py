@@ -221,7 +221,7 @@ def tms_like(n_features: int, n_hidden: int):
 
 def test_tms_geometry_draws_each_feature_column():
     run = tms_like(5, 2)
-    fig = viz.tms_geometry(run)
+    fig = ef.zoo.tms_geometry_figure(run)
     w = run.model.W.detach().double()
     trained = [t for t in traces(fig, "scatter") if t.showlegend]
     init = [t for t in traces(fig, "scatter") if not t.showlegend]
@@ -231,7 +231,7 @@ def test_tms_geometry_draws_each_feature_column():
     np.testing.assert_allclose([init[0].x[1], init[0].y[1]], run.init_state["encoder.weight"][:, 0].numpy())
     np.testing.assert_allclose(traces(fig, "heatmap")[0].z, (w.T @ w).numpy(), rtol=1e-6)
     run3 = tms_like(6, 3)
-    fig = viz.tms_geometry(run3)
+    fig = viz.tms_geometry(run3.model.W)
     w = run3.model.W.detach().double()
     ends = np.array([[t.x[1], t.y[1]] for t in traces(fig, "scatter") if t.showlegend])
     u = torch.linalg.svd(w, full_matrices=False).U[:, :2]
@@ -252,14 +252,16 @@ def test_fourier_marks_the_planted_frequency():
         model.embed.weight[:p, 0] += torch.cos(2 * math.pi * 4 * a / p)
         model.embed.weight[:p, 1] += torch.sin(2 * math.pi * 4 * a / p)
     run = SimpleNamespace(model=model, init_state=init, config={"p": p})
-    fig = viz.fourier(run, n_key=1)
+    fig = ef.zoo.fourier_figure(run, n_key=1)
     trained, learned = fig.data
     np.testing.assert_allclose(trained.y, ef.spectra.frequency_norms(model.embed.weight[:p].detach()).numpy())
     assert list(trained.x) == list(range(1, p // 2 + 1))
     assert [a.text for a in fig.layout.annotations] == ["4"]
     assert "key frequencies: 4" in fig.layout.title.text
     with pytest.raises(ef.ConfigError, match="token embedding"):
-        viz.fourier(run, param="nothing")
+        ef.zoo.fourier_figure(run, param="nothing")
+    with pytest.raises(ef.DataError, match="p // 2"):
+        viz.fourier({"trained": trained.y[:-1]}, [4], p)  # norms at p // 2 frequencies, not fewer
 
 
 def test_comparison_one_panel_per_metric():

@@ -1,31 +1,15 @@
 """`compare`: effective features and the baselines, scored side by side on the same run, data and budget.
 
-Every method gets the same analysis data (``run.data``) and the same number of units (``n_units``):
+Every method (`efffeat.baselines.Baseline`, the table of methods in `efffeat.baselines.base`) gets the same
+analysis data (``run.data``), the same probed layer and the same number of units (``n_units``). The run's recipe
+says where its model is probed (``Recipe.probe``: the layer, and the weight W₁ ``[h, d]`` whose rows are its
+units) and how units meet its ground truth (``Recipe.score``), so a zoo model brings its own comparison:
 
-=================  ====================================================================================
-method             its units
-=================  ====================================================================================
-``"effective"``    the top-``n_units`` effective features by RMS contribution (`efffeat.rank`): single
-                   parameters for TMS, neurons of the probed layer (``"W[j,:]"`` with the bias) otherwise
-``"eigen"``        the top-``n_units`` eigenfeatures of the effective kernel (`efffeat.eigenfeatures`)
-``"neurons"``      the ``n_units`` units of the probed layer with the largest activation variance
-``"sae"``, …       a dictionary (`efffeat.baselines.dictionary`) with ``n_units`` components fitted to the
-                   probed layer's activations (PCA/ICA: at most the layer width)
-=================  ====================================================================================
-
-How units meet the ground truth (the common space), per zoo model:
-
-- **TMS and teacher–student** — directions in input space, scored against the ground-truth directions
-  (TMS: the input axes; teacher–student: the planted ``U``) by MMCS, the number of distinct true directions
-  that are some unit's best match, the mean fraction of a unit inside the true span, and polysemanticity.
-  Probed layer W₁ (``[h, d]``: TMS ``encoder``, teacher–student the first Linear); a neuron j is the row W₁[j]
-  (the input direction it reads); a dictionary component c in the layer's activation space is pulled back to
-  W₁ᵀc; an effective parameter W₁[j, i] is input axis i, a TMS decoder bias b_i is axis i (it writes output
-  i), a neuron group is its row W₁[j]; an eigenfeature is the top right singular vector of its parameter
-  direction's W₁ block (the input direction that perturbation reads).
+- **TMS and teacher–student** — directions in input space against the ground-truth directions (TMS: the input
+  axes; teacher–student: the planted ``U``), `efffeat.baselines.direction_scores`. Probed layer W₁: TMS
+  ``encoder`` (effective units: single parameters), teacher–student the first Linear.
 - **digits** — functions over the data: top-20 label purity and class selectivity of |unit value|
-  (effective neuron groups: their contribution ``Σ_{μ∈G} Δθ_μ φ^E_μ(x)``; eigen: the eigenfunctions;
-  dictionaries: their codes). Probed layer: the first hidden layer after its ReLU.
+  (`efffeat.baselines.label_scores`). Probed layer: the first hidden layer after its ReLU.
 - **modular addition** — functions over all p² pairs: the fraction of each unit's variance on the key
   Fourier frequencies of the embedding (`efffeat.spectra.fourier_alignment`). Probed layer: the MLP's hidden units.
 
@@ -39,55 +23,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from .._check import positive_int
 from .._savable import register
 from ..errors import ConfigError
-from . import metrics
-from .dictionary import METHODS as DICTIONARY_METHODS
-from .dictionary import dictionary
+from .base import Context, baseline
 from .neurons import neurons
-
-METHODS = ("effective", "eigen", "neurons", *DICTIONARY_METHODS)
-
-
-@dataclass(frozen=True)
-class _Setting:
-    """Where a zoo model is probed: the activation layer and the weight whose rows are its units."""
-
-    layer: str  # module name for `neurons`
-    at: str  # "output" or "input" of that module
-    weight: str  # state_dict name of W₁ (the layer's incoming weight)
-    group: str  # `rank` group for the effective units
-    n_units: int
-
-
-def _setting(run) -> _Setting:
-    kind = run.kind
-    if kind == "tms":
-        return _Setting("encoder", "output", "encoder.weight", "param", run.config["n_features"])
-    if kind == "teacher_student":
-        return _Setting("1", "output", "0.weight", "neuron", 8)
-    if kind == "digits_mlp":
-        return _Setting("1", "output", "0.weight", "neuron", 16)
-    if kind == "modular_addition":
-        from .zoo.modular_addition import MLP_OUT
-
-        return _Setting(MLP_OUT, "input", "blocks.0.mlp.in.weight", "neuron", 16)
-    raise ConfigError(f"compare knows the zoo models tms, teacher_student, digits_mlp, modular_addition; got {kind!r}")
-
-
-@dataclass
-class _Units:
-    """One method's units: ``directions [n, d]`` in input space and/or ``functions [N, n]`` over the data."""
-
-    directions: Tensor | None = None
-    functions: Tensor | None = None
-    fvu: float | None = None
 
 
 @register
@@ -160,29 +105,34 @@ def compare(
     """Score effective features and the baselines on a trained zoo `run` (see the module docs for the protocol).
 
     Args:
-        run: a trained `efffeat.zoo.Run`.
-        methods: any of ``"effective", "eigen", "neurons", "sae", "minibatch-dl", "ica", "pca", "nmf"``.
-        n_units: units per method (default: TMS n_features, teacher–student 8, digits 16, modular addition 16).
-        order: the effective-feature order for ``"effective"`` and ``"eigen"``.
+        run: a trained `efffeat.zoo.Run` whose recipe has a ``probe`` and a ``score``.
+        methods: registered baselines (`efffeat.baselines.BASELINES`): ``"effective", "eigen", "neurons",
+            "sae", "minibatch-dl", "ica", "pca", "nmf"`` and any added with `register_baseline`.
+        n_units: units per method (default: the recipe's probe's: TMS n_features, teacher–student 8, digits
+            16, modular addition 16).
+        order: the effective-feature order for the methods that read them (``"effective"``, ``"eigen"``).
         seed: seeds the dictionaries and Lanczos.
-        method_options: extra keyword arguments per dictionary method, e.g. ``{"sae": {"l1": 0.3}}``.
+        method_options: extra keyword arguments of a method's units, e.g. ``{"sae": {"l1": 0.3}}``.
 
     Returns:
         `ComparisonTable`, one row per method.
     """
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ConfigError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-    setting = _setting(run)
-    n_units = setting.n_units if n_units is None else n_units
-    if not isinstance(n_units, int) or n_units < 1:
-        raise ConfigError(f"n_units must be a positive integer, got {n_units!r}")
+    chosen = [baseline(m) for m in methods]
+    recipe = run.recipe
+    if recipe.probe is None or recipe.score is None:
+        missing = " and ".join(name for name in ("probe", "score") if getattr(recipe, name) is None)
+        raise ConfigError(
+            f"the {run.kind} recipe has no {missing}, so compare cannot score it: give its Recipe probe= (where "
+            "its model is read, an efffeat.baselines.Probe) and score= (how units meet its ground truth)"
+        )
+    probe = recipe.probe(run.config)
+    n_units = positive_int("n_units", probe.n_units if n_units is None else n_units)
     options = method_options or {}
-    acts = neurons(run.model, run.data, setting.layer, setting.at)
-    w1 = run.model.state_dict()[setting.weight].detach().to(torch.float64)
+    acts = neurons(run.model, run.data, probe.layer, probe.at)
+    weight = run.model.state_dict()[probe.weight].detach().to(torch.float64)
     meta: dict[str, Any] = {"kind": run.kind, "n_units": n_units, "order": order, "n_examples": acts.n_examples}
     feats = None
-    if {"effective", "eigen"} & set(methods):
+    if any(b.needs_features for b in chosen):
         from ..dual import DualModel
 
         start = time.perf_counter()
@@ -192,90 +142,28 @@ def compare(
         feats = dual.features(run.data)
         meta["features_s"] = time.perf_counter() - start
         meta["completeness"] = feats.completeness()
+    context = Context(run, probe, acts, weight, feats)
     rows = []
-    for method in methods:
+    for method in chosen:
         start = time.perf_counter()
-        if method == "nmf" and bool((acts.values < 0).any()):
-            rows.append({"method": method, "note": "not applicable: the probed activations take negative values"})
+        reason = method.not_applicable(context) if method.not_applicable is not None else None
+        if reason is not None:
+            rows.append({"method": method.name, "note": f"not applicable: {reason}"})
             continue
-        if method == "effective":
-            units = _effective(feats, setting, w1, n_units, run.kind)
-        elif method == "eigen":
-            units = _eigen(feats, setting, w1, n_units, seed)
-        elif method == "neurons":
-            top = acts.values.var(dim=0).argsort(descending=True, stable=True)[:n_units]
-            units = _Units(w1[top], acts.values[:, top])
+        units = method.units(context, n_units, seed, **options.get(method.name, {}))
+        if units.functions is not None:
+            count = units.functions.shape[1]
+        elif units.directions is not None:
+            count = units.directions.shape[0]
         else:
-            fitted = dictionary(acts.values, method, n_units, random_state=seed, **options.get(method, {}))
-            units = _Units(
-                fitted.components_.double() @ w1,
-                fitted.transform(acts.values),
-                metrics.fvu(acts.values, fitted.reconstruct(acts.values)),
+            raise ConfigError(
+                f"baseline {method.name!r} returned Units with neither directions [n, d] nor functions [N, n]; "
+                "its units function must return at least one"
             )
-        count = units.functions.shape[1] if units.functions is not None else units.directions.shape[0]
-        row = {"method": method, "units": int(count)}
-        row.update(_score(run, units))
+        row = {"method": method.name, "units": int(count)}
+        row.update(recipe.score(run, units))
         if units.fvu is not None:
             row["fvu"] = units.fvu
         row["seconds"] = time.perf_counter() - start
         rows.append(row)
     return ComparisonTable(rows, meta)
-
-
-def _effective(feats, setting: _Setting, w1: Tensor, n_units: int, kind: str) -> _Units:
-    from ..groups import group_positions
-    from ..ranking import rank
-
-    table = rank(feats, by="contribution", group=setting.group)
-    if setting.group == "param":  # TMS: a parameter of W₁[j, i] or of the decoder bias b_i is input axis i
-        ids = list(table.ids[:n_units])
-        axes = [feats.ids.parse(i).index[-1] for i in ids]
-        return _Units(torch.eye(w1.shape[1], dtype=torch.float64)[axes])
-    prefix = f"{setting.weight}["
-    ids = [i for i in table.ids if i.startswith(prefix)][:n_units]
-    rows = [int(i[len(prefix) :].split(",")[0]) for i in ids]
-    delta = feats.flat_delta()
-    functions = []
-    for gid in ids:
-        masked = torch.zeros_like(delta)
-        pos = group_positions(feats.ids, gid)
-        masked[pos] = delta[pos]
-        functions.append(feats.matvec(masked).reshape(feats.n_examples, -1).sum(dim=1))
-    return _Units(w1[rows], torch.stack(functions, dim=1))
-
-
-def _eigen(feats, setting: _Setting, w1: Tensor, n_units: int, seed: int) -> _Units:
-    from ..spectra import eigenfeatures
-
-    eig = eigenfeatures(feats, k=min(n_units, feats.n_examples * feats.n_outputs), seed=seed)
-    slot = feats.ids.slot(setting.weight)
-    directions = []
-    for i in range(len(eig)):
-        block = eig.directions(i)[slot.offset : slot.offset + slot.numel].reshape(slot.shape).double()
-        directions.append(torch.linalg.svd(block, full_matrices=False).Vh[0])
-    functions = eig.functions if eig.functions.ndim == 2 else eig.functions.square().sum(dim=1).sqrt()
-    return _Units(torch.stack(directions), functions)
-
-
-def _score(run, units: _Units) -> dict[str, float]:
-    kind = run.kind
-    if kind in ("tms", "teacher_student"):
-        truth, d = run.ground_truth, units.directions
-        out = {"mmcs": metrics.mmcs(truth, d), "matched": metrics.n_matched(truth, d)}
-        out["in_span"] = float(metrics.subspace_alignment(d, truth).mean()) if kind == "teacher_student" else None
-        out["polysemanticity"] = float(metrics.polysemanticity(d, truth).mean())
-        return out
-    if kind == "digits_mlp":
-        labels = run.data[1]
-        f = units.functions.abs()
-        return {
-            "purity@20": float(metrics.top_k_purity(f, labels, 20).mean()),
-            "selectivity": float(metrics.class_selectivity(f, labels).mean()),
-        }
-    from ..spectra.fourier import fourier_alignment
-    from ..zoo import run_key_frequencies
-
-    tokens = run.data[0]
-    freqs = run_key_frequencies(run)
-    align = fourier_alignment(units.functions, tokens[:, 0], tokens[:, 1], run.config["p"], freqs)
-    return {"fourier": float(align.mean()), "key_freqs": " ".join(str(k) for k in freqs)}

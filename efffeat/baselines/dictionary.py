@@ -18,6 +18,7 @@ from ..errors import ConfigError, DataError
 from .sae import SparseAutoencoder, as_matrix
 
 METHODS = ("sae", "minibatch-dl", "ica", "pca", "nmf")
+NONNEGATIVE = ("nmf",)  # the methods that need non-negative data
 
 
 @dataclass
@@ -58,6 +59,10 @@ def dictionary(X, method: str, n_components: int, random_state: int = 0, **kwarg
     if n_components < 1:
         raise ConfigError(f"n_components must be positive, got {n_components}")
     x = as_matrix(X)
+    if method in NONNEGATIVE and bool((x < 0).any()):
+        raise DataError(
+            f"{method.upper()} needs non-negative data (e.g. post-ReLU activations); X has negative entries"
+        )
     n, d = x.shape
     if method == "sae":
         est = SparseAutoencoder(n_components, random_state=random_state, **kwargs).fit(x)
@@ -76,8 +81,6 @@ def dictionary(X, method: str, n_components: int, random_state: int = 0, **kwarg
         est = PCA(min(n_components, d, n), random_state=random_state, **kwargs).fit(xn)
         comps = est.components_
     else:
-        if bool((x < 0).any()):
-            raise DataError("NMF needs non-negative data (e.g. post-ReLU activations); X has negative entries")
         kw = {"init": "nndsvda", "max_iter": 500} | kwargs
         est = NMF(n_components, random_state=random_state, **kw).fit(xn)
         comps = est.components_

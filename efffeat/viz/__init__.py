@@ -1,7 +1,7 @@
 """Figures and reports: what a user looks at (plotly).
 
-Every function takes results (features, rankings, eigenfeatures, runs, comparison tables) and draws them;
-the computing is done by the rest of efffeat.
+Every function takes results (features, rankings, eigenfeatures, weights, spectra, comparison tables) and draws
+them; the computing is done by the rest of efffeat (a zoo run's own figures: ``run.recipe.figures(run)``).
 
 - `feature_dashboard`: one feature, group, eigenfeature or neuron on one page.
 - `ranking`, `spectrum`, `tms_geometry`, `fourier`, `comparison`, `scaling`: one figure each.

@@ -1,6 +1,7 @@
 """Plotly figures of analysis results: rankings, spectra, TMS geometry, Fourier views, comparisons, scaling.
 
-Each function takes a result object and draws it; none of them computes features, kernels or scores.
+Each function takes a result (an object, a table, arrays) and draws it; none of them computes features,
+kernels, scores or spectra, and none reads a model.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from plotly.subplots import make_subplots
 from torch import Tensor
 
+from .._check import integer
 from ..errors import ConfigError, DataError
 from ._inputs import to_numpy
 
@@ -121,21 +123,19 @@ def _cliffs(obj: Any) -> list[int]:
     return [int(c) for c in cliff]
 
 
-def tms_geometry(run: Any) -> go.Figure:
+def tms_geometry(w_trained: Any, w_init: Any = None) -> go.Figure:
     """Where a toy model of superposition puts each input feature in its hidden space.
 
-    Left: each feature's hidden direction ``W[:, i]`` (trained, solid; init, faint) — the hidden plane itself
-    for two hidden units, else the plane of W's top two singular directions. Right: the interference matrix
-    ``WᵀW``. `run` is an ``ef.zoo.tms(...)`` run (its model exposes ``W [n_hidden, n_features]``).
+    w_trained: the trained W ``[n_hidden, n_features]`` (column i: feature i's hidden direction); w_init: W at
+    init ``[n_hidden, n_features]``, or None. Left: each feature's hidden direction ``W[:, i]`` (trained, solid;
+    init, faint) — the hidden plane itself for two hidden units, else the plane of the trained W's top two
+    singular directions. Right: the interference matrix ``WᵀW``. ``ef.zoo.tms_geometry_figure(run)`` draws a
+    TMS run's.
     """
-    w = getattr(run.model, "W", None)
-    if not isinstance(w, Tensor) or w.ndim != 2:
-        raise ConfigError(
-            "tms_geometry needs a toy model of superposition: a run whose model has W [n_hidden, n_features] "
-            "(ef.zoo.tms(...))"
-        )
-    w_trained = w.detach().double().cpu()
-    w_init = _init_of(run, w)
+    w_trained = _tms_weight(w_trained, "w_trained")
+    w_init = None if w_init is None else _tms_weight(w_init, "w_init")
+    if w_init is not None and w_init.shape != w_trained.shape:
+        raise DataError(f"w_init has shape {tuple(w_init.shape)}, w_trained {tuple(w_trained.shape)}; pass W at init")
     basis, plane = _plane(w_trained)
     n_features = w_trained.shape[1]
     fig = make_subplots(
@@ -203,12 +203,15 @@ def tms_geometry(run: Any) -> go.Figure:
     return fig
 
 
-def _init_of(run: Any, w: Tensor) -> Tensor | None:
-    """The init value of parameter `w`, looked up by name in ``run.init_state``."""
-    names = {id(v): k for k, v in run.model.state_dict(keep_vars=True).items()}
-    init = getattr(run, "init_state", None) or {}
-    value = init.get(names.get(id(w), ""))
-    return None if value is None else value.detach().double().cpu()
+def _tms_weight(w: Any, name: str) -> Tensor:
+    """``[n_hidden, n_features]`` float64 on the CPU."""
+    if not isinstance(w, Tensor | np.ndarray) or w.ndim != 2:
+        shape = tuple(w.shape) if isinstance(w, Tensor | np.ndarray) else type(w).__name__
+        raise ConfigError(
+            f"tms_geometry draws a toy model of superposition's W [n_hidden, n_features]; {name} is {shape} "
+            "(ef.zoo.tms_geometry_figure(run) draws an ef.zoo.tms(...) run)"
+        )
+    return torch.as_tensor(w).detach().double().cpu()
 
 
 def _plane(w: Tensor) -> tuple[Tensor, str]:
@@ -221,28 +224,25 @@ def _plane(w: Tensor) -> tuple[Tensor, str]:
     return u, "top-2 singular plane of W"
 
 
-def fourier(run: Any, param: str = "embed.weight", p: int | None = None, n_key: int | None = None) -> go.Figure:
-    """Fourier spectrum of a modular-addition model's token embedding, trained (θ*) and learned (Δθ).
+def fourier(norms: Mapping[str, Any], key: Sequence[int], p: int, param: str = "embed.weight") -> go.Figure:
+    """Fourier spectrum of a modular-addition model's token embedding, with its key frequencies labelled.
 
-    Bars: the norm of the embedding's Fourier component at each frequency 1 … p // 2 (``ef.spectra.frequency_norms``
-    of the rows of `param` for the number tokens 0 … p − 1), for θ* and for Δθ = θ* − θ0; the key frequencies
-    (``ef.spectra.key_frequencies``, `n_key` of them or the count its largest drop gives) are labelled.
-    p: the modulus (default ``run.config["p"]``).
+    norms: ``{name: [p // 2]}``, one bar series each: the norm of the embedding's Fourier component at each
+    frequency 1 … p // 2 (``ef.spectra.frequency_norms`` of the rows of `param` for the number tokens 0 … p − 1),
+    e.g. of θ* and of Δθ = θ* − θ0. key: the key frequencies, labelled on the first series
+    (``ef.spectra.key_frequencies``). p: the modulus; param: the embedding's name (both for the title).
+    ``ef.zoo.fourier_figure(run)`` draws a modular-addition run's.
     """
-    from ..spectra.fourier import frequency_norms, key_frequencies
-
-    state = run.model.state_dict()
-    if param not in state or state[param].ndim != 2:
-        found = ", ".join(k for k, v in state.items() if v.ndim == 2)
-        raise ConfigError(f"fourier() reads a token embedding [d_vocab, d_model]: {param!r} is not one of ({found})")
-    p = int(p if p is not None else run.config.get("p", state[param].shape[0]))
-    if not 3 <= p <= state[param].shape[0]:
-        raise ConfigError(f"p={p} does not fit the embedding's {state[param].shape[0]} rows")
-    trained = state[param][:p].detach()
-    delta = trained - run.init_state[param][:p].detach().to(trained.dtype)
+    p = integer("p", p, minimum=3)
+    norms = {name: to_numpy(values).reshape(-1) for name, values in norms.items()}
+    if not norms or any(len(values) != p // 2 for values in norms.values()):
+        shapes = {name: len(values) for name, values in norms.items()}
+        raise DataError(f"fourier() draws norms at the p // 2 = {p // 2} frequencies of p = {p}, got lengths {shapes}")
+    key = [int(f) for f in key]
+    if any(not 1 <= f <= p // 2 for f in key):
+        raise DataError(f"key frequencies must be between 1 and p // 2 = {p // 2}, got {key}")
     freqs = np.arange(1, p // 2 + 1)
-    norms = {"trained θ*": to_numpy(frequency_norms(trained)), "learned Δθ": to_numpy(frequency_norms(delta))}
-    key = key_frequencies(trained, n_key)
+    first = next(iter(norms.values()))
     fig = go.Figure()
     for j, (name, values) in enumerate(norms.items()):
         fig.add_trace(
@@ -250,12 +250,12 @@ def fourier(run: Any, param: str = "embed.weight", p: int | None = None, n_key: 
                 x=freqs,
                 y=values,
                 name=name,
-                marker_color=COLORS[j],
+                marker_color=COLORS[j % len(COLORS)],
                 hovertemplate=f"{name}<br>frequency %{{x}}: %{{y:.4g}}<extra></extra>",
             )
         )
     for f in key:
-        fig.add_annotation(x=f, y=float(norms["trained θ*"][f - 1]), text=str(f), showarrow=True, arrowhead=0, ay=-18)
+        fig.add_annotation(x=f, y=float(first[f - 1]), text=str(f), showarrow=True, arrowhead=0, ay=-18)
     fig.update_layout(
         template=TEMPLATE,
         title={

@@ -1,15 +1,17 @@
 """Reference models that keep their initialisation: toy models of superposition, a teacher–student MLP, a digits
 MLP and a modular-addition transformer. Each constructor returns an untrained `Run`; ``run.train()`` trains it,
-``run.save(path)`` / `load` keep it.
+``run.save(path)`` / `load` keep it. Each kind's `Recipe` also says where `efffeat.compare` probes it, how its
+units are scored, and which figures its report shows (``run.recipe.figures(run)``: `tms_geometry_figure`,
+`fourier_figure`).
 """
 
 from __future__ import annotations
 
 from .digits import correct_logit, digits_mlp
-from .modular_addition import all_pairs, embedding, modular_addition, run_key_frequencies
+from .modular_addition import all_pairs, embedding, fourier_figure, modular_addition, run_key_frequencies
 from .run import Run, load
 from .teacher_student import teacher_student
-from .tms import ToyModel, tms
+from .tms import ToyModel, tms, tms_geometry_figure
 
 __all__ = [
     "Run",
@@ -18,9 +20,11 @@ __all__ = [
     "correct_logit",
     "digits_mlp",
     "embedding",
+    "fourier_figure",
     "load",
     "modular_addition",
     "run_key_frequencies",
     "teacher_student",
     "tms",
+    "tms_geometry_figure",
 ]

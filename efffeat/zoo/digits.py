@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
 from .run import Built, Recipe, Run, register
+
+if TYPE_CHECKING:
+    from ..baselines import Probe, Units
 
 
 def correct_logit(output: Tensor, batch: tuple[Tensor, Tensor]) -> Tensor:
@@ -58,7 +63,21 @@ def _evaluate(run: Run) -> dict[str, float]:
     }
 
 
-register("digits_mlp", Recipe(_build, _optimizer, _loss, _evaluate, readout=correct_logit))
+def _probe(config: dict) -> Probe:
+    """The first hidden layer after its ReLU; W₁ is the first Linear ``[hidden, 64]``."""
+    from ..baselines import Probe
+
+    return Probe("1", "output", "0.weight", "neuron", 16)
+
+
+def _score(run: Run, units: Units) -> dict[str, Any]:
+    """Label purity and class selectivity of the units' functions over the training digits."""
+    from ..baselines import label_scores
+
+    return label_scores(units.functions, run.data[1])
+
+
+register("digits_mlp", Recipe(_build, _optimizer, _loss, _evaluate, readout=correct_logit, probe=_probe, score=_score))
 
 
 def digits_mlp(

@@ -8,14 +8,22 @@ The analysis data is every pair: ``run.data = (tokens [p², 3], labels [p²])``,
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..spectra.fourier import key_frequencies
+from ..spectra.fourier import fourier_alignment, frequency_norms, key_frequencies
 from .digits import correct_logit
 from .run import Built, Recipe, Run, register
+
+if TYPE_CHECKING:
+    from plotly.graph_objects import Figure
+
+    from ..baselines import Probe, Units
 
 # The MLP's hidden activations are the input of this module (see `efffeat.baselines.neurons`).
 MLP_OUT = "blocks.0._original_component.mlp._original_component.fc_out"
@@ -76,9 +84,6 @@ def _evaluate(run: Run) -> dict[str, float]:
     return out
 
 
-register("modular_addition", Recipe(_build, _optimizer, _loss, _evaluate, readout=correct_logit))
-
-
 def embedding(run: Run) -> Tensor:
     """``[p, d_model]``: the token embedding of the numbers 0..p-1."""
     return run.model.state_dict()["embed.weight"][: run.config["p"]].detach()
@@ -87,6 +92,67 @@ def embedding(run: Run) -> Tensor:
 def run_key_frequencies(run: Run, n: int | None = None) -> list[int]:
     """Key frequencies of a modular-addition run, read from its embedding's DFT (`key_frequencies`)."""
     return key_frequencies(embedding(run), n)
+
+
+def fourier_figure(run: Run, param: str = "embed.weight", p: int | None = None, n_key: int | None = None) -> Figure:
+    """`efffeat.viz.fourier` of a modular-addition run's token embedding, trained (θ*) and learned (Δθ).
+
+    The norms of the Fourier components (`efffeat.spectra.frequency_norms`, ``[p // 2]`` each) of the rows of
+    `param` for the number tokens 0 … p − 1, for θ* and for Δθ = θ* − θ0, and the key frequencies of θ*
+    (`efffeat.spectra.key_frequencies`, `n_key` of them or the count its largest drop gives). p: the modulus
+    (default ``run.config["p"]``).
+    """
+    from ..viz import fourier
+
+    state = run.model.state_dict()
+    if param not in state or state[param].ndim != 2:
+        found = ", ".join(k for k, v in state.items() if v.ndim == 2)
+        raise ConfigError(
+            f"the Fourier view reads a token embedding [d_vocab, d_model]: {param!r} is not one of ({found})"
+        )
+    p = int(p if p is not None else run.config.get("p", state[param].shape[0]))
+    if not 3 <= p <= state[param].shape[0]:
+        raise ConfigError(f"p={p} does not fit the embedding's {state[param].shape[0]} rows")
+    trained = state[param][:p].detach()
+    delta = trained - run.init_state[param][:p].detach().to(trained.dtype)
+    norms = {"trained θ*": frequency_norms(trained), "learned Δθ": frequency_norms(delta)}
+    return fourier(norms, key_frequencies(trained, n_key), p, param=param)
+
+
+def _decode(tokens: Sequence[int]) -> str:
+    """A pair's tokens as text: ``"a + b ="``."""
+    return f"{tokens[0]} + {tokens[1]} ="
+
+
+def _probe(config: dict) -> Probe:
+    """The MLP's hidden units (the input of its output projection); W₁ is the MLP's input weight."""
+    from ..baselines import Probe
+
+    return Probe(MLP_OUT, "input", "blocks.0.mlp.in.weight", "neuron", 16)
+
+
+def _score(run: Run, units: Units) -> dict[str, Any]:
+    """The fraction of each unit's variance over all pairs on the run's key frequencies, and those frequencies."""
+    tokens = run.data[0]
+    freqs = run_key_frequencies(run)
+    align = fourier_alignment(units.functions, tokens[:, 0], tokens[:, 1], run.config["p"], freqs)
+    return {"fourier": float(align.mean()), "key_freqs": " ".join(str(k) for k in freqs)}
+
+
+register(
+    "modular_addition",
+    Recipe(
+        _build,
+        _optimizer,
+        _loss,
+        _evaluate,
+        readout=correct_logit,
+        probe=_probe,
+        score=_score,
+        figures=lambda run: {"Fourier view of the embedding": fourier_figure(run)},
+        dashboard_options=lambda run: {"decode": _decode},
+    ),
+)
 
 
 def modular_addition(

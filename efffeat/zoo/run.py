@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +23,11 @@ from tqdm.auto import tqdm
 
 from .._savable import register as savable
 from ..errors import ConfigError, SaveFileError
+
+if TYPE_CHECKING:
+    from plotly.graph_objects import Figure
+
+    from ..baselines import Probe, Units
 
 FORMAT = "efffeat.zoo.Run"
 VERSION = 1
@@ -44,15 +49,26 @@ class Built:
     extra: dict[str, Tensor] = field(default_factory=dict)
 
 
+def _nothing(run: Run) -> dict:
+    return {}
+
+
 @dataclass(frozen=True)
 class Recipe:
-    """How one kind of zoo model is built, trained and evaluated.
+    """How one kind of zoo model is built, trained, evaluated, compared and shown.
 
     build: ``config -> Built``, deterministic in the config (its ``"seed"``).
     optimizer: ``(model, config) -> torch.optim.Optimizer``.
     loss: ``(run, generator) -> scalar loss`` of one training step (the generator draws the step's batch).
     evaluate: ``run -> {metric: value}`` (e.g. test accuracy).
     readout: the readout a `DualModel` of this run should use (``"output"``, an index or a callable).
+    probe: ``config -> efffeat.baselines.Probe``, where `efffeat.compare` reads the model (None: the kind is
+        not compared).
+    score: ``(run, efffeat.baselines.Units) -> {column: value}``, how one method's units meet the run's ground
+        truth in `efffeat.compare` (e.g. `efffeat.baselines.direction_scores`).
+    figures: ``run -> {title: plotly Figure}``, the kind's own figures in its report (default none).
+    dashboard_options: ``run -> {option: value}``, keyword arguments of its feature dashboards (e.g. a token
+        ``decode``; default none).
     """
 
     build: Callable[[dict], Built]
@@ -60,6 +76,10 @@ class Recipe:
     loss: Callable[[Run, torch.Generator], Tensor]
     evaluate: Callable[[Run], dict[str, float]]
     readout: Any = "output"
+    probe: Callable[[dict], Probe] | None = None
+    score: Callable[[Run, Units], dict[str, Any]] | None = None
+    figures: Callable[[Run], dict[str, Figure]] = _nothing
+    dashboard_options: Callable[[Run], dict[str, Any]] = _nothing
 
 
 _RECIPES: dict[str, Recipe] = {}

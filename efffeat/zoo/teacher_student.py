@@ -7,11 +7,16 @@ full-batch Adam on mean squared error. Ground truth: the rows of ``Uᵀ`` ``[k, 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
 from .run import Built, Recipe, Run, register
+
+if TYPE_CHECKING:
+    from ..baselines import Probe, Units
 
 
 def target(x: Tensor, U: Tensor) -> Tensor:
@@ -47,7 +52,21 @@ def _evaluate(run: Run) -> dict[str, float]:
     return {"train_mse": train_mse, "test_mse": float(mse), "test_r2": float(1 - mse / y.var())}
 
 
-register("teacher_student", Recipe(_build, _optimizer, _loss, _evaluate, readout=0))
+def _probe(config: dict) -> Probe:
+    """The hidden units after the ReLU; W₁ is the first Linear ``[hidden, d]``."""
+    from ..baselines import Probe
+
+    return Probe("1", "output", "0.weight", "neuron", 8)
+
+
+def _score(run: Run, units: Units) -> dict[str, Any]:
+    """Directions against the planted ``Uᵀ [k, d]``."""
+    from ..baselines import direction_scores
+
+    return direction_scores(run.ground_truth, units.directions)
+
+
+register("teacher_student", Recipe(_build, _optimizer, _loss, _evaluate, readout=0, probe=_probe, score=_score))
 
 
 def teacher_student(

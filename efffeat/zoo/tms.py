@@ -9,12 +9,19 @@ in the hidden space as column ``W[:, i]``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..nn import TransposedLinear
 from .run import Built, Recipe, Run, register
+
+if TYPE_CHECKING:
+    from plotly.graph_objects import Figure
+
+    from ..baselines import Probe, Units
 
 
 class ToyModel(nn.Module):
@@ -74,7 +81,40 @@ def _evaluate(run: Run) -> dict[str, float]:
     return {"loss": float(loss)}
 
 
-register("tms", Recipe(_build, _optimizer, _loss, _evaluate, readout="output"))
+def _probe(config: dict) -> Probe:
+    """The encoder W ``[n_hidden, n_features]``; its single parameters are the effective units."""
+    from ..baselines import Probe
+
+    return Probe("encoder", "output", "encoder.weight", "param", config["n_features"])
+
+
+def _score(run: Run, units: Units) -> dict[str, Any]:
+    """Directions against the input axes (which span the input space: no ``in_span``)."""
+    from ..baselines import direction_scores
+
+    return direction_scores(run.ground_truth, units.directions, in_span=False)
+
+
+def tms_geometry_figure(run: Run) -> Figure:
+    """`efffeat.viz.tms_geometry` of a TMS run: its trained W ``[n_hidden, n_features]`` and W at init."""
+    from ..viz import tms_geometry
+
+    return tms_geometry(run.model.W, run.init_state["encoder.weight"])
+
+
+register(
+    "tms",
+    Recipe(
+        _build,
+        _optimizer,
+        _loss,
+        _evaluate,
+        readout="output",
+        probe=_probe,
+        score=_score,
+        figures=lambda run: {"Geometry of the toy model": tms_geometry_figure(run)},
+    ),
+)
 
 
 def tms(

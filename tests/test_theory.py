@@ -1,4 +1,4 @@
-"""ef.theory against brute force: explicit gradient descent, Hessians, synthetic quadratic models (docs/MATH.md §5, checks 7–10)."""
+"""ef.theory against brute force: explicit GD, Hessians, synthetic quadratic models (docs/MATH.md §5, checks 7–10)."""
 
 from __future__ import annotations
 

@@ -70,7 +70,7 @@ def test_a_float64_batch_is_cast_to_the_model_dtype():
     ("data", "match"),
     [
         ("text", "cannot read data of type str"),
-        ({"x": X}, "cannot read data of type dict"),
+        ({"x": X}, "unexpected keyword argument 'x'"),  # a dict is passed as keyword arguments: model(**batch)
         (None, "cannot read data of type NoneType"),
         ((X, torch.zeros(5)), "different lengths"),
         ([[1.0, 2.0]], "first element is the input tensor"),

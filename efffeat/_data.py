@@ -8,8 +8,9 @@ A batch is one of
 - a dict of model inputs (``{"input_ids": ..., "attention_mask": ...}``, the Hugging Face way): ``model(**batch)``;
 - anything else, when the `DualModel` is given ``forward=callable(model, batch)``.
 
-The length of a batch is the first dimension of its (first) tensors; tensors whose first dimension is that
-length are sliced, moved and checked with the batch, every other entry passes through as it is.
+The length of a batch is the first dimension of its model inputs (of a dict's entries: the largest; entries of
+length 1 are shared by all examples); tensors whose first dimension is that length are sliced and checked with
+the batch, every tensor is moved, every other entry passes through as it is.
 """
 
 from __future__ import annotations
@@ -57,7 +58,10 @@ def _map(x: Any, fn: Any) -> Any:
 
 
 def _length(x: Any) -> int | None:
-    """The first dimension of the first tensor (with a dimension) of `x`, or None."""
+    """The number of examples of `x`: the first dimension of a tensor, of the first tensor of a tuple or list,
+    the largest first dimension in a dict (entries of length 1 broadcast over the examples); None if no tensor."""
+    if _is_dict(x):
+        return max((t.shape[0] for t in _leaves(x) if t.ndim), default=None)
     return next((t.shape[0] for t in _leaves(x) if t.ndim), None)
 
 
@@ -132,9 +136,12 @@ def as_batches(data: Any, batch_size: int) -> Batches:
                 f"a dict of data must hold tensors of model inputs sharing their first (example) dimension, e.g. "
                 f"{{'input_ids': [N, T], 'attention_mask': [N, T]}}; got keys {list(data)}"
             )
-        if len(set(lengths.values())) != 1:
-            raise DataError(f"the tensors in the data dict have different lengths {lengths}")
-        if next(iter(lengths.values())) == 0:
+        if len(set(lengths.values()) - {1}) > 1:
+            raise DataError(
+                f"the tensors in the data dict have different lengths {lengths}; each holds one row per example "
+                "(entries of length 1 are shared by all examples)"
+            )
+        if max(lengths.values()) == 0:
             raise DataError("data is empty; pass at least one example")
     elif not isinstance(data, Iterable) or isinstance(data, str | bytes):
         raise DataError(

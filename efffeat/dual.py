@@ -991,7 +991,7 @@ def _on_batch(index: int | None, offset: int, batch: Any) -> Iterator[None]:
     except EfffeatError:
         raise
     except NotImplementedError as e:
-        if "forward AD" not in str(e) and "forward-mode" not in str(e):
+        if not any(words in str(e).lower() for words in ("forward ad", "forward mode ad", "forward-mode")):
             raise _model_error(index, offset, batch, e) from e
         raise UnsupportedModelError(
             f"the model uses an operation without a forward-mode derivative ({e}); the 'nlo' order, order='auto' "

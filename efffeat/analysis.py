@@ -123,7 +123,7 @@ class Analysis:
     @cached_property
     def features(self) -> EffectiveFeatures:
         """The effective features of the data at `order` (one pass over the data)."""
-        return self.dual.features(self.data, batch_size=self.batch_size, order=self.order)
+        return self.dual.features(self.data, batch_size=self.batch_size, order=self._order)
 
     @cached_property
     def table(self) -> FeatureTable:

@@ -86,7 +86,7 @@ class Analysis:
     def __repr__(self) -> str:
         done = [name for name in ("features", "table", "spectrum") if name in self.__dict__]
         return (
-            f"Analysis({type(self.dual.model).__name__}, order={self.order!r}, by={self.by!r}, "
+            f"Analysis({type(self.dual.model).__name__}, order={self._order or self.dual.order!r}, by={self.by!r}, "
             f"group={self.group!r}, computed={done + sorted(self._completeness)})"
         )
 

@@ -39,7 +39,10 @@ def test_auto_keeps_nlo_near_initialisation():
     dual = ef.DualModel(model, init, progress=False)
     feats = dual.features(x)
     assert dual.order == feats.order == "nlo"
-    assert dual.order_reason.startswith("auto: the nlo residual") and "≤ 0.1 on the first 256 examples" in dual.order_reason
+    assert (
+        dual.order_reason.startswith("auto: the nlo residual")
+        and "≤ 0.1 on the first 256 examples" in dual.order_reason
+    )
     first = dual.completeness(x[:256], order="nlo")
     assert dual.order_completeness == pytest.approx(first, rel=1e-9) and first <= 0.1
     assert feats.meta["order_requested"] == "auto" and feats.meta["order_reason"] == dual.order_reason

@@ -63,11 +63,19 @@ def test_dict_batches_reach_the_model_as_keyword_arguments():
         assert torch.allclose(masked.z_trained, model(ids, mask=mask), rtol=1e-13, atol=0)
     # the same data as a list of dict batches, a tuple (dict, targets) and a forward callable agree
     batches = [{"ids": ids[:4], "mask": mask[:4]}, {"ids": ids[4:], "mask": mask[4:]}]
-    paired = [({"ids": ids[:6], "mask": mask[:6]}, torch.zeros(6)), ({"ids": ids[6:], "mask": mask[6:]}, torch.zeros(4))]
+    paired = [
+        ({"ids": ids[:6], "mask": mask[:6]}, torch.zeros(6)),
+        ({"ids": ids[6:], "mask": mask[6:]}, torch.zeros(4)),
+    ]
     by_forward = ef.DualModel(
         model, init, order="nlo", progress=False, forward=lambda m, batch: m(batch[0], mask=batch[1])
     ).features((ids, mask, torch.arange(10)), batch_size=3)
-    for feats in (dual.features(batches), dual.features(paired), dual.features({"ids": ids, "mask": mask}, 3), by_forward):
+    for feats in (
+        dual.features(batches),
+        dual.features(paired),
+        dual.features({"ids": ids, "mask": mask}, 3),
+        by_forward,
+    ):
         torch.testing.assert_close(feats.kernel(), masked.kernel(), rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(feats.z_trained, masked.z_trained, rtol=1e-13, atol=0)
     assert dual.completeness({"ids": ids, "mask": mask}) == pytest.approx(masked.completeness(), rel=1e-9)
@@ -81,7 +89,11 @@ def test_the_readout_gets_the_whole_batch():
         return out.gather(1, batch["labels"][:, None])[:, 0]
 
     dual = ef.DualModel(
-        model, init, readout=correct_logit, order="init", progress=False,
+        model,
+        init,
+        readout=correct_logit,
+        order="init",
+        progress=False,
         forward=lambda m, batch: m(batch["ids"], mask=batch["mask"]),
     )
     feats = dual.features({"ids": ids, "mask": mask, "labels": labels, "note": "not a tensor"}, batch_size=4)
@@ -124,7 +136,12 @@ def test_a_hugging_face_model_with_dict_batches():
     mask = torch.ones(6, 7, dtype=torch.long)
     mask[:, 5:] = 0
     positions = torch.arange(7).expand(6, 7)  # per-example position ids keep the position embedding factored
-    batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids), "position_ids": positions}
+    batch = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "token_type_ids": torch.zeros_like(ids),
+        "position_ids": positions,
+    }
 
     def pooled(out, batch):
         return out.pooler_output[:, :3]
@@ -150,8 +167,9 @@ def test_a_hugging_face_model_with_dict_batches():
     packed = torch.stack([ids, mask, torch.zeros_like(ids), positions], dim=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ef.CompletenessWarning)
-        ref = ef.DualModel(wrapped, {f"bert.{k}": v for k, v in init.items()}, readout=pooled, order="path", nodes=2,
-                           progress=False).features(packed)
+        ref = ef.DualModel(
+            wrapped, {f"bert.{k}": v for k, v in init.items()}, readout=pooled, order="path", nodes=2, progress=False
+        ).features(packed)
     torch.testing.assert_close(feats.kernel(), ref.kernel(), rtol=1e-5, atol=1e-7)
 
 
@@ -185,7 +203,9 @@ def test_the_models_own_error_is_a_data_error_naming_the_batch():
     x = torch.randn(40, 3, generator=torch.Generator().manual_seed(0)).clamp(-2, 2)
     x[23, 0] = 3.0
     dual = ef.DualModel(model, perturbed(model, 0.1), order="nlo", progress=False)
-    with pytest.raises(ef.DataError, match=r"batch 2 \(examples 16–23; inputs of shape \(8, 3\).*value too large") as info:
+    with pytest.raises(
+        ef.DataError, match=r"batch 2 \(examples 16–23; inputs of shape \(8, 3\).*value too large"
+    ) as info:
         dual.features(x, batch_size=8)
     assert isinstance(info.value.__cause__, RuntimeError)
     model = RaisesInCapture()

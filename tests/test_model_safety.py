@@ -261,7 +261,9 @@ def test_functional_dropout_is_caught_by_the_double_evaluation_without_drawing_t
     dual = ef.DualModel(model, perturbed(model, 0.1), order="nlo", progress=False)
     torch.manual_seed(123)
     state = torch.get_rng_state()
-    with pytest.raises(ef.UnsupportedModelError, match=r"not deterministic.*first at module '<root>' \(FunctionalDropout\)"):
+    with pytest.raises(
+        ef.UnsupportedModelError, match=r"not deterministic.*first at module '<root>' \(FunctionalDropout\)"
+    ):
         dual.features(torch.randn(64, 3, generator=torch.Generator().manual_seed(0)))
     assert torch.equal(torch.get_rng_state(), state)
 
@@ -273,7 +275,9 @@ class CentreOverBatch(nn.Module):
 
 def test_a_layer_mixing_the_examples_of_a_batch_is_named():
     model, init = eval_mlp_with(CentreOverBatch())
-    with pytest.raises(ef.UnsupportedModelError, match=r"depends on the other examples.*module '2' \(CentreOverBatch\)"):
+    with pytest.raises(
+        ef.UnsupportedModelError, match=r"depends on the other examples.*module '2' \(CentreOverBatch\)"
+    ):
         ef.DualModel(model, init, order="init", progress=False).features(torch.randn(16, 3))
 
 

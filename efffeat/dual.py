@@ -786,8 +786,8 @@ class DualModel:
                 self._check_batch_behaviour(self._prepare(head, 0))
         assert self._activations is not None
         activations, k = self._activations
-        order = "path" if self.order == AUTO else self.order
-        points = len(self.points(order, AUTO_MAX_NODES if self.order == AUTO else self.nodes))
+        order = "path" if self.order == AUTO else self.order  # before the decision: the costliest choice
+        points = (AUTO_MAX_NODES if self.order == AUTO else self.nodes) if order == "path" else 1
         per_example = _element_size(self.dtype) * activations * (3 + k * (1 + points)) * (2 if order == "nlo" else 1)
         return _memory.batch_size_for(per_example)
 
@@ -808,7 +808,7 @@ class DualModel:
             f"efffeat: the {order!r} features leave a completeness residual of {value:.3g} (> {WARN_RESIDUAL:g}) "
             f"on {n} examples, so they explain little of what the network learned; {fix}",
             CompletenessWarning,
-            stacklevel=4,
+            stacklevel=3,
         )
 
 
@@ -985,7 +985,7 @@ def _on_batch(index: int | None, offset: int, batch: Any) -> Iterator[None]:
     try:
         yield
     except ReadoutError as e:
-        if index is None:
+        if index is None or "(batch " in str(e):
             raise
         raise ReadoutError(f"{e} (batch {index}, {_examples(offset, batch)})") from e
     except EfffeatError:

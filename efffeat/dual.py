@@ -167,11 +167,16 @@ class DualModel:
         dual.order, dual.order_reason      # e.g. 'path', 'auto: the nlo residual 0.43 > 0.1 ...'
         feats.meta["completeness"]         # relative residual of the dual model on x
 
-    A Hugging Face model takes its batches as dicts::
+    A Hugging Face model takes its batches as dicts (eager attention: sdpa has no forward-mode derivative, which
+    ``"nlo"``, ``"auto"`` and `completeness` need; position ids given per example keep the position embedding
+    factored)::
 
+        config._attn_implementation = "eager"
         model = transformers.BertModel(config).eval()
         dual = ef.DualModel(model, init, readout=lambda out, batch: out.pooler_output)
-        feats = dual.features({"input_ids": ids, "attention_mask": mask, "token_type_ids": types})
+        batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types,
+                 "position_ids": torch.arange(ids.shape[1]).expand_as(ids)}
+        feats = dual.features(batch)       # the mask reaches the model: model(**batch)
     """
 
     def __init__(

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from . import groups, ids, io, spectra
 from ._version import __version__
 from .analysis import Analysis, analyse
-from .dual import ORDERS, DualModel
+from .dual import ORDERS, CompletenessWarning, DualModel, PrecisionWarning
 from .errors import (
     ConfigError,
     DataError,
@@ -77,6 +77,7 @@ __all__ = [
     "ORDERS",
     "Analysis",
     "ComparisonTable",
+    "CompletenessWarning",
     "ConfigError",
     "Criterion",
     "DataError",
@@ -92,6 +93,7 @@ __all__ = [
     "LowRankFactor",
     "MemoryBudgetError",
     "NonFiniteError",
+    "PrecisionWarning",
     "Readout",
     "ReadoutError",
     "Rule",

@@ -41,3 +41,21 @@ def check_fits(n_elements: int, dtype: torch.dtype, what: str, alternative: str)
             f"{what} would take {human(size)}, more than the {human(budget)} efffeat allows itself "
             f"(half of the memory available); {alternative}"
         )
+
+
+# Automatic batch sizes: a power of two up to this, whose working memory fits in this fraction of what is free.
+BATCH_CAP = 1024
+_BATCH_FRACTION = 0.25
+
+
+def batch_size_for(bytes_per_example: float, cap: int = BATCH_CAP) -> int:
+    """The largest power of two ≤ `cap` whose batch needs at most a quarter of the memory available now.
+
+    bytes_per_example: the estimated working memory of one example (at least 1). Powers of two keep the choice
+    stable while the free memory moves a little; with memory to spare it is `cap`.
+    """
+    fits = int(available_bytes() * _BATCH_FRACTION // max(float(bytes_per_example), 1.0))
+    size = 1
+    while size * 2 <= min(fits, cap):
+        size *= 2
+    return size

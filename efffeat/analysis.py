@@ -3,12 +3,15 @@
 The features of the dataset (one pass over the data), their ranking, the spectrum of their kernel and the
 completeness of the dual model at each order are computed on first use and kept; the report, the command
 line and the dashboards read them from here instead of computing them again. Searches over the analysed
-data run on the stored features (no further pass).
+data run on the stored features (no further pass). The order of the features (``order="auto"`` decided on the
+analysed data), why it was chosen and the notes a reader should see (low precision, a large completeness
+residual) are `order`, `order_reason` and `notes`.
 
 Example::
 
     an = ef.analyse(dual, x, by="contribution", group="neuron")
     an.table.ids[:5], an.completeness(), an.completeness_by_order()
+    an.order, an.order_reason, an.notes
     top = an.max_activating(an.table.ids[:3], k=8)
     ef.report(an, "report.html")
 """
@@ -20,7 +23,7 @@ from functools import cached_property
 from typing import Any
 
 from ._check import integer, one_of, positive_int
-from .dual import ORDERS, DualModel
+from .dual import AUTO, ORDERS, WARN_RESIDUAL, DualModel
 from .errors import ConfigError
 from .features import EffectiveFeatures
 from .groups import GroupSpec, check
@@ -35,10 +38,10 @@ class Analysis:
     Args:
         dual: the `DualModel`.
         data: the examples (a tensor, an ``(inputs, targets)`` tuple, or an iterable of batches).
-        order: the order of the features (default: the model's).
+        order: the order of the features (default: the model's; a model's ``"auto"`` is decided on `data`).
         by, group: the ranking (`efffeat.rank`).
         n_eigen: eigenfeatures of the kernel to compute (0 for none); capped by the kernel's rank bound.
-        batch_size: examples per batch of the feature pass.
+        batch_size: examples per batch of the feature pass (None: sized from the memory available).
         features: the features of `data` at `order` when they are already computed (no pass is made).
 
     Attributes are computed on first access and kept: `features`, `table`, `spectrum`; `completeness(order)`
@@ -53,21 +56,23 @@ class Analysis:
         by: str = "contribution",
         group: GroupSpec = "neuron",
         n_eigen: int = 20,
-        batch_size: int = 256,
+        batch_size: int | None = None,
         features: EffectiveFeatures | None = None,
     ):
         if not isinstance(dual, DualModel):
             raise ConfigError(f"an Analysis is of a DualModel, got {type(dual).__name__}")
         self.dual = dual
         self.data = data
-        self.order = one_of("order", order or dual.order, ORDERS)
+        self._order = None if order is None else one_of("order", order, ORDERS)
         criterion(by)
         check(group)
         self.by = by
         self.group = group
         self.n_eigen = integer("n_eigen", n_eigen, minimum=0)
-        self.batch_size = positive_int("batch_size", batch_size)
+        self.batch_size = None if batch_size is None else positive_int("batch_size", batch_size)
         self._completeness: dict[str, float] = {}
+        if features is not None and self._order is None and dual.order == AUTO:
+            self._order = getattr(features, "order", None)
         if features is not None:
             if not isinstance(features, EffectiveFeatures) or features.order != self.order:
                 raise ConfigError(
@@ -81,14 +86,44 @@ class Analysis:
     def __repr__(self) -> str:
         done = [name for name in ("features", "table", "spectrum") if name in self.__dict__]
         return (
-            f"Analysis({type(self.dual.model).__name__}, order={self.order!r}, by={self.by!r}, "
+            f"Analysis({type(self.dual.model).__name__}, order={self._order or self.dual.order!r}, by={self.by!r}, "
             f"group={self.group!r}, computed={done + sorted(self._completeness)})"
         )
+
+    @property
+    def order(self) -> str:
+        """The order of the features: the one given, else the model's (``"auto"`` decided on the data now)."""
+        return self._order or self.dual.resolve_order(self.data, self.batch_size)
+
+    @property
+    def order_reason(self) -> str:
+        """Why the features are of `order` (the auto decision's measurements, or who set it)."""
+        if "features" in self.__dict__:
+            return str(self.features.meta.get("order_reason"))
+        if self._order is not None:
+            return f"order={self._order!r} passed to the Analysis"
+        self.order  # noqa: B018  (decides "auto")
+        return str(self.dual.order_reason)
+
+    @property
+    def notes(self) -> list[str]:
+        """Sentences a reader of the results should see: a model computing below float32, and features whose
+        completeness residual is above 0.5 (they explain little of what the network learned)."""
+        out = []
+        if self.dual.precision_note:
+            out.append(self.dual.precision_note)
+        value = self.features.meta.get("completeness")
+        if value is not None and value > WARN_RESIDUAL:
+            out.append(
+                f"the {self.order!r} features leave a completeness residual of {value:.3g} (> {WARN_RESIDUAL:g}): "
+                "they explain little of what the network learned; order='path' explains the network"
+            )
+        return out
 
     @cached_property
     def features(self) -> EffectiveFeatures:
         """The effective features of the data at `order` (one pass over the data)."""
-        return self.dual.features(self.data, batch_size=self.batch_size, order=self.order)
+        return self.dual.features(self.data, batch_size=self.batch_size, order=self._order)
 
     @cached_property
     def table(self) -> FeatureTable:

@@ -20,7 +20,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
-from ._data import Batch, batch_inputs, batch_len
+from ._data import Batch, batch_len, call_model
 from ._swap import ParameterSwap
 from .factors import Factor, sum_factors
 from .readout import Readout
@@ -136,7 +136,7 @@ def capture_batch(
         with fwAD.dual_level():
             if tangent is not None:
                 params = {k: fwAD.make_dual(p, tangent[k]) for k, p in params.items()}
-            output = swap.call(params, batch_inputs(batch))
+            output = call_model(swap, params, batch)
             r = readout(output, batch)  # [n, K]
             probes = [p for _, _, p in records]
             k_out = r.shape[1]

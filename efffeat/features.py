@@ -155,8 +155,13 @@ class EffectiveFeatures:
         kinds = {type(f).__name__.replace("Factor", "").lower() for f in self.factors.values()}
         return (
             f"EffectiveFeatures(order={self.order!r}, N={self.n_examples}{k}, P={self.n_features:,}, "
-            f"tensors={len(self.factors)} ({'/'.join(sorted(kinds))}), completeness={self.completeness():.3g})"
+            f"tensors={len(self.factors)} ({'/'.join(sorted(kinds))}), completeness={self._completeness_text()})"
         )
+
+    def _completeness_text(self) -> str:
+        if len(self.meta.get("readouts", ("init", "trained"))) == 2:
+            return f"{self.completeness():.3g}"
+        return f"{self.meta.get('completeness', math.nan):.3g} on the first batch"
 
     def _out(self, t: Tensor) -> Tensor:
         """Drop the K axis (axis 1) for a scalar readout."""
@@ -232,17 +237,27 @@ class EffectiveFeatures:
         return bisect.bisect_right([s.offset for s in self.slots], p) - 1
 
     # ---- the dual model --------------------------------------------------------------------------------
+    def _readout(self, point: str) -> Tensor:
+        """``[N, K]`` z_init or z_trained; refused when the feature pass skipped it (``need="features"``)."""
+        if point not in self.meta.get("readouts", ("init", "trained")):
+            raise ConfigError(
+                f"these features were computed without the readout at {point} (need='features'), so they have no "
+                "Δz, prediction or completeness; compute them with dual.features(data, need='all') "
+                "(meta['completeness'] holds the residual measured on the first batch)"
+            )
+        return self.z_init if point == "init" else self.z_trained
+
     def delta_z(self) -> Tensor:
         """``[N(, K)]``: Δz = f(x; θ*) − f(x; θ0) under the readout."""
-        return self._out(self.z_trained - self.z_init)
+        return self._out(self._readout("trained") - self._readout("init"))
 
     def prediction(self) -> Tensor:
         """``[N(, K)]``: the dual model ``z0(x) + Σ_μ Δθ_μ φ^E_μ(x)``."""
-        return self._out(self.z_init) + self.matvec(self.flat_delta())
+        return self._out(self._readout("init")) + self.matvec(self.flat_delta())
 
     def residual(self) -> Tensor:
         """``[N(, K)]``: dual prediction minus the trained network's output."""
-        return self.prediction() - self._out(self.z_trained)
+        return self.prediction() - self._out(self._readout("trained"))
 
     def completeness(self) -> float:
         """Relative residual ``‖Σ_μ Δθ_μ φ^E_μ − Δz‖ / ‖Δz‖`` over the data (0 = the dual model is exact)."""

@@ -70,7 +70,7 @@ def test_a_float64_batch_is_cast_to_the_model_dtype():
     ("data", "match"),
     [
         ("text", "cannot read data of type str"),
-        ({"x": X}, "cannot read data of type dict"),
+        ({"x": X}, "unexpected keyword argument 'x'"),  # a dict is passed as keyword arguments: model(**batch)
         (None, "cannot read data of type NoneType"),
         ((X, torch.zeros(5)), "different lengths"),
         ([[1.0, 2.0]], "first element is the input tensor"),
@@ -476,3 +476,22 @@ def test_fuzz_feature_accessors(ids, vector, params):
     for call in calls:
         escaped = _escaped(call)
         assert escaped is None, f"{type(escaped).__name__}: {escaped}"
+
+
+# ---- inputs and options of the honest engine ------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: dual_of(forward="model(x)"), ef.ConfigError, "forward must be a callable"),
+        (lambda: dual_of().features(X, need="readouts"), ef.ConfigError, "unknown need 'readouts'"),
+        (lambda: dual_of().features(X, order="auto"), ef.ConfigError, "unknown order 'auto'"),
+        (lambda: dual_of().features({"x": X, "y": X[:2]}), ef.DataError, "data dict have different lengths"),
+        (lambda: dual_of().features({"x": "text"}), ef.DataError, "must hold tensors of model inputs"),
+        (lambda: dual_of(order="auto").directional(X, {}), ef.ConfigError, "call dual.resolve_order"),
+        (lambda: dual_of(forward=lambda m, b: m(b["x"])).features([object()]), ef.DataError, "number of examples"),
+        (lambda: dual_of().features(X, need="features").completeness(), ef.ConfigError, "need='all'"),
+    ],
+)
+def test_bad_engine_options_and_batches(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .._data import as_batches, batch_inputs
 from .._savable import register
+from .._swap import kept_modes
 from ..errors import ConfigError, DataError, FeatureIdError
 
 
@@ -136,15 +137,12 @@ def neurons(
         chunks.append(t.reshape(t.shape[0], -1))
 
     handle = modules[layer].register_forward_hook(hook)
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), kept_modes(model, training=False):
             for batch in as_batches(data, batch_size):
                 model(batch_inputs(batch))
     finally:
         handle.remove()
-        model.train(was_training)
     if not chunks:
         raise DataError("data is empty; pass at least one example")
     return NeuronActivations(torch.cat(chunks), layer, at)

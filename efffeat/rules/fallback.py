@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.func import jacrev, jvp, vmap
 from torch.utils._pytree import tree_map
 
-from .._data import Batch, batch_inputs, batch_len, slice_batch
+from .._data import Batch, batch_len, call_model, slice_batch
 from .._swap import ParameterSwap
 from ..factors import DenseFactor
 from ..readout import Readout
@@ -45,7 +45,7 @@ def fallback_factors(
 
         def one(p_fb: dict[str, Tensor], example: Batch) -> Tensor:
             ex = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, example)
-            out = swap.call({**rest, **p_fb}, batch_inputs(ex))
+            out = call_model(swap, {**rest, **p_fb}, ex)
             return readout(out, ex)[0]  # [K]
 
         return vmap(jacrev(one), in_dims=(None, 0))(fb, sub)  # name -> [m, K, *shape]

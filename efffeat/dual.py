@@ -39,12 +39,11 @@ from .errors import (
     UnsupportedModelError,
 )
 from .factors import DenseFactor, Factor, compact, sum_factors
-from .features import EffectiveFeatures
+from .features import ORDERS, EffectiveFeatures
 from .ids import FeatureIds, ParamSlot
 from .readout import Readout, ReadoutSpec
 from .rules import describe, fallback_factors, warn_fallback
 
-ORDERS = ("init", "nlo", "trained", "path")
 FAIL_MODES = ("fallback", "error")
 
 # Modules whose train-mode forward is random or couples the examples of a batch.

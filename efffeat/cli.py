@@ -32,6 +32,7 @@ import json
 import pickle
 import sys
 import traceback
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -347,6 +348,8 @@ def _tensor_file(path_text: str, option: str) -> Any:
             return load_file(str(path))
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
+        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+            raise UsageError(f"{option} {path_text!r} is not a torch.save or safetensors file of tensors") from None
         raise UsageError(
             f"{option} {path_text!r} holds objects other than tensors, which efffeat does not load (it reads "
             "torch.save files with weights_only=True, so no code in them runs); save tensors only"

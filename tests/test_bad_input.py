@@ -7,6 +7,7 @@ parameters, memory, feature ids, empty data, train-mode randomness, damaged save
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import pytest
@@ -485,3 +486,61 @@ def test_fuzz_feature_accessors(ids, vector, params):
     for call in calls:
         escaped = _escaped(call)
         assert escaped is None, f"{type(escaped).__name__}: {escaped}"
+
+
+# ---- zoo configs: every option checked, sizes bounded, before anything is built ---------------------------
+@pytest.mark.parametrize(
+    ("constructor", "options", "match"),
+    [
+        ("tms", {"n_features": "abc"}, "n_features must be a positive integer"),
+        ("tms", {"n_features": 5.0}, "n_features must be a positive integer"),
+        ("tms", {"n_hidden": True}, "n_hidden must be a positive integer"),
+        ("tms", {"lr": float("nan")}, "lr must be a positive finite number"),
+        ("tms", {"lr": float("inf")}, "lr must be a positive finite number"),
+        ("tms", {"weight_decay": -1}, "weight_decay must be a non-negative finite number"),
+        ("tms", {"importance": 2.0}, "importance must be at most 1"),
+        ("tms", {"batch_size": 0}, "batch_size must be a positive integer"),
+        ("tms", {"steps": 10**9}, "steps must be at most"),
+        ("tms", {"seed": -1}, "seed must be an integer ≥ 0"),
+        ("tms", {"n_features": 30_000, "n_hidden": 30_000, "n_data": 30_000}, "more than the"),
+        ("digits_mlp", {"hidden": 32}, "hidden must be a list of 1 to"),
+        ("digits_mlp", {"hidden": ()}, "hidden must be a list of 1 to"),
+        ("digits_mlp", {"test_fraction": 1e-9}, "both splits"),
+        ("digits_mlp", {"hidden": (1 << 20, 1 << 20)}, "more than the"),
+        ("teacher_student", {"d": 1}, "d must be an integer ≥ 2"),
+        ("teacher_student", {"k": 4, "d": 3}, "k must be even"),
+        ("teacher_student", {"n_train": 10**7}, "more than the"),
+        ("modular_addition", {"p": 2}, "p must be an integer ≥ 3"),
+        ("modular_addition", {"d_model": 30, "n_heads": 4}, "divisible"),
+        ("modular_addition", {"train_fraction": 1.0}, "train_fraction must be below 1"),
+        ("modular_addition", {"p": 4000}, "more than the"),
+    ],
+)
+def test_zoo_configs_are_checked_before_a_model_is_built(constructor, options, match, monkeypatch):
+    import efffeat.zoo as zoo
+    from efffeat.zoo import run as zoo_run
+
+    def no_build(build, config):
+        raise AssertionError(f"built a model of a bad config {config}")
+
+    monkeypatch.setattr(zoo_run, "seeded_build", no_build)
+    with pytest.raises(ef.ConfigError, match=re.escape(match)):
+        getattr(zoo, constructor)(**options)
+
+
+def test_zoo_configs_with_unknown_or_missing_options_are_refused():
+    good = ef.zoo.tms(n_data=8, batch_size=4).config
+    with pytest.raises(ef.ConfigError, match="unknown colour"):
+        ef.zoo.Run({**good, "colour": "blue"})
+    with pytest.raises(ef.ConfigError, match="missing lr"):
+        ef.zoo.Run({k: v for k, v in good.items() if k != "lr"})
+    with pytest.raises(ef.ConfigError, match="unknown zoo model kind"):
+        ef.zoo.Run({**good, "kind": "os.system"})
+
+
+def test_run_steps_are_checked():
+    run = ef.zoo.tms(n_data=8, batch_size=4)
+    for steps in (-1, 2.5, 10**9, "10"):
+        with pytest.raises(ef.ConfigError, match="steps"):
+            run.train(steps, progress=False)
+    assert run.steps_done == 0

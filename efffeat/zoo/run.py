@@ -341,10 +341,14 @@ class Run:
         _check_like(_prefixed(tensors, "extra."), run.extra, f"the {run.kind} run's fixed tensors")
         built_truth = {} if run.ground_truth is None else {"ground_truth": run.ground_truth}
         _check_like({k: v for k, v in tensors.items() if k == "ground_truth"}, built_truth, "the ground truth")
-        run.model.load_state_dict(trained)
-        run.init_state = init
         data = _prefixed(tensors, "data.")
         parts = tuple(data[str(i)] for i in range(len(data)))
+        built = run.data if isinstance(run.data, tuple) else (run.data,)
+        kinds = [(t.dtype, t.shape[1:]) for t in parts]
+        if meta["data_is_tuple"] != isinstance(run.data, tuple) or kinds != [(t.dtype, t.shape[1:]) for t in built]:
+            raise SaveFileError(f"the saved data is not of the kind the {run.kind} run's config builds")
+        run.model.load_state_dict(trained)
+        run.init_state = init
         run.data = parts if meta["data_is_tuple"] else parts[0]
         run.extra = _prefixed(tensors, "extra.")
         run.ground_truth = tensors.get("ground_truth")
@@ -393,19 +397,43 @@ def _check_like(saved: dict[str, Tensor], built: dict[str, Tensor], what: str) -
 
 
 def _check_optimizer(saved: dict, optimizer: torch.optim.Optimizer) -> None:
-    """Refuse a saved optimizer state whose groups or per-parameter tensors do not fit the built optimizer."""
+    """Refuse a saved optimizer state that does not fit the run's optimizer: other parameter groups or settings
+    (numbers may differ, e.g. a changed learning rate, but stay finite and non-negative, betas below 1), state
+    for parameters it does not have, of other shapes, or not the same for every parameter."""
     built = optimizer.state_dict()["param_groups"]
-    if [sorted(g) for g in saved["param_groups"]] != [sorted(g) for g in built] or [
-        g["params"] for g in saved["param_groups"]
-    ] != [g["params"] for g in built]:
-        raise SaveFileError("the saved optimizer's parameter groups are not those of the run's optimizer")
+    if len(saved["param_groups"]) != len(built):
+        raise SaveFileError(f"the saved optimizer has {len(saved['param_groups'])} parameter groups, not {len(built)}")
+    for i, (group, own) in enumerate(zip(saved["param_groups"], built)):
+        if set(group) != set(own) or group["params"] != own["params"]:
+            raise SaveFileError(f"the saved optimizer's parameter group {i} is not that of the run's optimizer")
+        for key, value in own.items():
+            if not _same_setting(group[key], value, 1.0 if key == "betas" else math.inf):
+                raise SaveFileError(f"the saved optimizer setting {key}={group[key]!r} does not fit ({value!r})")
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    if len({frozenset(entries) for entries in saved["state"].values()}) > 1:
+        raise SaveFileError("the saved optimizer holds different state for different parameters")
     for idx, entries in saved["state"].items():
         for name, value in entries.items():
             if not 0 <= idx < len(params) or (
                 isinstance(value, Tensor) and value.ndim and value.shape != params[idx].shape
             ):
                 raise SaveFileError(f"the saved optimizer state {idx}.{name} does not fit the run's parameters")
+
+
+def _same_setting(saved: Any, built: Any, below: float) -> bool:
+    """Whether a saved optimizer setting can stand for the built one: flags and names equal, numbers finite,
+    non-negative and below `below`, sequences of such numbers as long."""
+    if isinstance(built, bool) or built is None or isinstance(built, str):
+        return saved == built
+    if isinstance(built, int | float):
+        return isinstance(saved, int | float) and not isinstance(saved, bool) and 0 <= saved < below
+    if isinstance(built, list | tuple):
+        return (
+            isinstance(saved, list)
+            and len(saved) == len(built)
+            and all(_same_setting(s, b, below) for s, b in zip(saved, built))
+        )
+    return saved == built
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, Tensor], dict]:
@@ -426,5 +454,7 @@ def _unflatten_optimizer(tensors: dict[str, Tensor], meta: dict) -> dict:
         idx, _, name = key.partition(".")
         if not (idx.isdigit() and name):
             raise SaveFileError(f"the optimizer state {key!r} is not named '<parameter index>.<name>'")
+        if name in state.get(int(idx), {}):
+            raise SaveFileError(f"the optimizer state {key!r} is saved twice")
         state.setdefault(int(idx), {})[name] = value
     return {"state": state, "param_groups": meta["param_groups"]}

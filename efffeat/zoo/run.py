@@ -429,7 +429,7 @@ def _same_setting(saved: Any, built: Any, below: float) -> bool:
         return isinstance(saved, int | float) and not isinstance(saved, bool) and 0 <= saved < below
     if isinstance(built, list | tuple):
         return (
-            isinstance(saved, list)
+            isinstance(saved, list | tuple)
             and len(saved) == len(built)
             and all(_same_setting(s, b, below) for s, b in zip(saved, built))
         )

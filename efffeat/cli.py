@@ -60,7 +60,7 @@ class UsageError(Exception):
 class Subject:
     """What a command analyses: a network with its θ0, readout and data, and what its report adds.
 
-    A zoo run (`from_run`) or a user's model (`from_files`).
+    A zoo run (`from_run`) or a user's model and files (`_own_model`).
     """
 
     name: str

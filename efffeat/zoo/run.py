@@ -324,7 +324,9 @@ class Run:
         data = _prefixed(tensors, "data.")
         if set(data) != {str(i) for i in range(len(data))} or not data or (len(data) > 1 and not m["data_is_tuple"]):
             raise SaveFileError(f"the data tensors {sorted(data)} are not data.0, data.1, ... (one unless a tuple)")
-        parts = [io.tensor(data, str(i), ndim=tuple(range(1, 9))) for i in range(len(data))]
+        parts = [data[str(i)] for i in range(len(data))]
+        if any(t.ndim == 0 for t in parts):
+            raise SaveFileError("a data tensor has no example axis (it is 0-dimensional)")
         if len({len(t) for t in parts}) != 1:
             raise SaveFileError(f"the data tensors have different lengths {[len(t) for t in parts]}")
         if (m["optimizer"] is None) != (not _prefixed(tensors, "optim.")):

@@ -7,6 +7,8 @@ higher modules. A savable class implements::
     @classmethod
     def from_state(cls, tensors: dict[str, Tensor], meta: dict): ...
 
+and, to have its files checked before anything is built, ``validate_state(tensors, meta)`` (`efffeat.io`).
+
 Its tag in a save file is its import path ``"package.module:Class"``; `load` imports modules of efffeat
 itself by that path (which registers their classes) and nothing else, so classes of other packages must be
 registered before loading their files.

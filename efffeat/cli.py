@@ -8,18 +8,33 @@
     efffeat compare runs/tms
     efffeat report runs/tms
 
+Your own model: a factory that builds it (``pkg.module:function`` or ``path/to/file.py:function``, called with
+no arguments, returning an ``nn.Module``), its weights at initialisation and after training (``.safetensors``,
+or ``.pt`` files of a ``state_dict`` read with ``torch.load(weights_only=True)``, so no code in them runs) and
+the data (a tensor, a tuple of tensors or a dict of tensors, in a ``.pt`` or ``.safetensors`` file)::
+
+    efffeat analyse out/ --model mypkg.models:build --init init.pt --trained trained.pt --data data.pt
+
+writes the same table, ``out/analysis.json`` and ``--report`` as for a zoo run.
+
 Exit codes: 0 done; 1 an unexpected failure (a bug: rerun with ``--debug`` for the traceback); 2 bad usage
-or bad input (unknown option, missing run, bad path, unknown feature id...). Errors are one line on stderr.
+or bad input (unknown option, a value out of range, missing run, bad path or file, unknown feature id, a full
+disk...). Errors are one line on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import inspect
 import json
+import pickle
 import sys
 import traceback
+import zipfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +56,34 @@ class UsageError(Exception):
     """Bad input from the command line: printed as one line, exit code 2."""
 
 
+@dataclass
+class Subject:
+    """What a command analyses: a network with its θ0, readout and data, and what its report adds.
+
+    A zoo run (`from_run`) or a user's model and files (`_own_model`).
+    """
+
+    name: str
+    model: Any  # nn.Module, its parameters at θ*
+    init: dict[str, Any]  # θ0, a state_dict
+    readout: Any
+    data: Any
+    figures: Callable[[], dict[str, Any]] = dict  # {title: figure} of the report
+    dashboard_options: dict[str, Any] = field(default_factory=dict)
+
+    @staticmethod
+    def from_run(run: Any) -> Subject:
+        return Subject(
+            run.kind,
+            run.model,
+            run.init_state,
+            run.readout,
+            run.data,
+            lambda: run.recipe.figures(run),
+            run.recipe.dashboard_options(run),
+        )
+
+
 # ---- commands --------------------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> None:
     from . import zoo
@@ -53,8 +96,16 @@ def cmd_train(args: argparse.Namespace) -> None:
     unknown = [k for k in options if k not in known]
     if unknown:
         raise UsageError(f"{args.model} has no option {', '.join(unknown)}; its options: {', '.join(known)}")
-    run = constructor(**options)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {args.out!r} is a file; pass a directory for the run")
+    if (out / RUN_FILE).exists() and not args.force:
+        raise UsageError(f"{out / RUN_FILE} already exists; pass --force to overwrite it, or choose another --out")
+    run = constructor(**options)  # checks every option before anything is built
+    if args.steps is not None:
+        from .zoo.run import STEPS
+
+        STEPS("--steps", args.steps)
     out.mkdir(parents=True, exist_ok=True)
     run.train(steps=args.steps, progress=True)
     path = run.save(out / RUN_FILE)
@@ -64,11 +115,18 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_analyse(args: argparse.Namespace) -> None:
-    run = _load_run(args.dir)
-    an = _analysis(run, args.order, args.max_examples, args.by, args.group)
+    own = [f"--{k}" for k in ("init", "trained", "data") if getattr(args, k) is not None]
+    if args.model is None and own:
+        raise UsageError(
+            f"{', '.join(own)} {'is' if len(own) == 1 else 'are'} for your own model: add --model MODULE:FUNCTION"
+        )
+    subject = _own_model(args) if args.model is not None else Subject.from_run(_load_run(args.dir))
+    if args.readout is not None:
+        subject.readout = args.readout
+    an = _analysis(subject, args.order, args.max_examples, args.by, args.group)
     dual, feats, table = an.dual, an.features, an.table
     completeness = an.completeness_by_order()
-    print(f"{run.kind}: {dual.n_features:,} parameters, {feats.n_examples:,} examples, readout {dual.readout.name}")
+    print(f"{subject.name}: {dual.n_features:,} parameters, {feats.n_examples:,} examples, readout {dual.readout.name}")
     print("completeness residual of the dual model (0 = exact):")
     for o, c in completeness.items():
         print(f"  {o:<8} {c:.4g}{'   <- features shown' if o == args.order else ''}")
@@ -84,16 +142,16 @@ def cmd_analyse(args: argparse.Namespace) -> None:
     }
     _write_json(Path(args.dir) / ANALYSIS_FILE, analysis)
     if args.report:
-        path = _write_report(run, an, Path(args.report), top=args.dashboards)
+        path = _write_report(subject, an, Path(args.report), top=args.dashboards)
         print(f"report: {path}")
 
 
 def cmd_search(args: argparse.Namespace) -> None:
     from .search import max_activating
 
-    run = _load_run(args.dir)
+    subject = Subject.from_run(_load_run(args.dir))
     settings = _analysis_settings(args.dir)
-    dual, data = _dual(run, args.order or settings.get("order", "nlo"), args.max_examples)
+    dual, data = _dual(subject, args.order or settings.get("order", "nlo"), args.max_examples)
     top = max_activating(dual, data, [args.feature], k=args.k, by=args.by, largest=not args.bottom)
     entry = top[args.feature]
     labels = data[1] if isinstance(data, tuple) and len(data) > 1 else None
@@ -115,14 +173,14 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    run = _load_run(args.dir)
+    subject = Subject.from_run(_load_run(args.dir))
     settings = _analysis_settings(args.dir)
     order = args.order or settings.get("order", "nlo")
-    an = _analysis(run, order, args.max_examples, settings.get("by", "contribution"), settings.get("group", "neuron"))
-    comparison_path = Path(args.dir) / COMPARISON_FILE
-    comparison = json.loads(comparison_path.read_text()) if comparison_path.is_file() else None
+    by, group = settings.get("by", "contribution"), settings.get("group", "neuron")
+    an = _analysis(subject, order, args.max_examples, by, group)
+    comparison = _comparison(args.dir)
     out = Path(args.out) if args.out else Path(args.dir) / REPORT_FILE
-    path = _write_report(run, an, out, comparison=comparison, top=args.dashboards)
+    path = _write_report(subject, an, out, comparison=comparison, top=args.dashboards)
     print(f"report: {path}")
 
 
@@ -140,47 +198,211 @@ def _load_run(directory: str) -> Any:
     return load(path / RUN_FILE)
 
 
-def _dual(run: Any, order: str, max_examples: int) -> tuple[Any, Any]:
-    """The run's `DualModel` at `order` and its first `max_examples` analysis examples."""
+def _dual(subject: Subject, order: str, max_examples: int) -> tuple[Any, Any]:
+    """The subject's `DualModel` at `order` and its first `max_examples` examples."""
     from .dual import DualModel
 
-    data = run.data
+    data = subject.data
     if isinstance(data, tuple):
         data = tuple(t[:max_examples] for t in data)
+    elif isinstance(data, dict):
+        data = {k: t[:max_examples] for k, t in data.items()}
     else:
         data = data[:max_examples]
-    return DualModel(run.model, init=run.init_state, readout=run.readout, order=order), data
+    return DualModel(subject.model, init=subject.init, readout=subject.readout, order=order), data
 
 
-def _analysis(run: Any, order: str, max_examples: int, by: str, group: str) -> Any:
-    """The `Analysis` of a run's first `max_examples` examples at `order`, ranked `by` / `group`."""
+def _analysis(subject: Subject, order: str, max_examples: int, by: str, group: str) -> Any:
+    """The `Analysis` of the subject's first `max_examples` examples at `order`, ranked `by` / `group`."""
     from .analysis import Analysis
 
-    dual, data = _dual(run, order, max_examples)
+    dual, data = _dual(subject, order, max_examples)
     return Analysis(dual, data, by=by, group=group)
 
 
-def _write_report(run: Any, an: Any, path: Path, **options: Any) -> Path:
+def _write_report(subject: Subject, an: Any, path: Path, **options: Any) -> Path:
     from . import viz
 
     return viz.report(
         an,
         path,
-        figures_extra=run.recipe.figures(run),
-        dashboard_options=run.recipe.dashboard_options(run),
-        title=f"efffeat report: {run.kind}",
+        figures_extra=subject.figures(),
+        dashboard_options=subject.dashboard_options,
+        title=f"efffeat report: {subject.name}",
         **options,
     )
 
 
+# ---- the files the commands read ---------------------------------------------------------------------------
+def _read_json(path: Path, check: Callable[[Any, str], Any], fix: str) -> Any:
+    """The JSON in `path`, checked by `check` (an `efffeat.io` check); one-line `UsageError` otherwise."""
+    from .errors import SaveFileError
+
+    try:
+        return check(json.loads(path.read_text(encoding="utf-8")), path.name)
+    except (ValueError, RecursionError, SaveFileError) as e:  # bad UTF-8, bad JSON, a wrong value
+        raise UsageError(f"{path} is not what efffeat wrote there ({_one_line(e)[:200]}); {fix}") from None
+
+
 def _analysis_settings(directory: str) -> dict[str, Any]:
+    """``analysis.json`` of a run directory (its order, ranking criterion and group), or {} if there is none."""
+    from . import io
+    from .dual import ORDERS
+    from .ranking import CRITERIA, GROUPS
+
     path = Path(directory) / ANALYSIS_FILE
     if not path.is_file():
         return {}
+
+    def check(value: Any, where: str) -> dict[str, Any]:
+        fields = {
+            "order": io.text(ORDERS),
+            "by": io.text(tuple(CRITERIA)),
+            "group": io.text(GROUPS),
+            "completeness": io.dict_of(io.number(finite=False)),
+            "ranking": io.list_of(io.dict_of()),
+        }
+        return io.record(value, where, fields)
+
+    return _read_json(path, check, f"run efffeat analyse {directory} again")
+
+
+def _comparison(directory: str) -> list[dict[str, Any]] | None:
+    """The records of ``comparison.json`` of a run directory, or None if there is none."""
+    from .baselines.compare import ComparisonTable
+
+    path = Path(directory) / COMPARISON_FILE
+    if not path.is_file():
+        return None
+
+    def check(value: Any, where: str) -> Any:
+        ComparisonTable.validate_state({}, {"rows": value, "meta": {}})
+        return value
+
+    return _read_json(path, check, f"run efffeat compare {directory} again")
+
+
+# ---- your own model ---------------------------------------------------------------------------------------
+def _own_model(args: argparse.Namespace) -> Subject:
+    """The model `--model` builds with the `--trained` weights, its `--init` state and the `--data`."""
+    from torch import nn
+
+    missing = [f"--{k}" for k in ("init", "trained", "data") if getattr(args, k) is None]
+    if missing:
+        raise UsageError(f"--model needs {', '.join(missing)} too (the weights at init, after training, the data)")
+    build = _factory(args.model)
+    init = _state_dict(args.init, "--init")
+    trained = _state_dict(args.trained, "--trained")
+    data = _data_file(args.data)
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{path} is not valid JSON ({e}); run efffeat analyse {directory} again") from e
+        model = build()
+    except Exception as e:
+        raise UsageError(f"--model {args.model}() failed: {type(e).__name__}: {_one_line(e)}") from e
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"--model {args.model}() returned a {type(model).__name__}, not a torch.nn.Module")
+    _check_weights(trained, model.state_dict(), args.trained)
+    _check_weights(init, model.state_dict(), args.init)
+    model.load_state_dict(trained)
+    model.eval()
+    Path(args.dir).mkdir(parents=True, exist_ok=True)
+    return Subject(args.model, model, init, "output", data)
+
+
+def _factory(spec: str) -> Callable[[], Any]:
+    """The function `spec` names: ``pkg.module:function`` (imported) or ``path/to/file.py:function``."""
+    target, sep, name = spec.rpartition(":")
+    if not (sep and target and name.isidentifier()):
+        raise UsageError(f"--model takes pkg.module:function or path/to/file.py:function, got {spec!r}")
+    try:
+        if target.endswith(".py"):
+            path = Path(target)
+            if not path.is_file():
+                raise UsageError(f"--model: {target!r} is not a file")
+            loader_spec = importlib.util.spec_from_file_location(f"_efffeat_model_{path.stem}", path)
+            if loader_spec is None or loader_spec.loader is None:
+                raise UsageError(f"--model: {target!r} cannot be imported as a Python file")
+            module = importlib.util.module_from_spec(loader_spec)
+            loader_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+    except UsageError:
+        raise
+    except Exception as e:  # an import error, or any error raised by the module's own code
+        raise UsageError(f"--model: cannot import {target!r} ({type(e).__name__}: {_one_line(e)})") from e
+    build = getattr(module, name, None)
+    if not callable(build):
+        raise UsageError(f"--model: {target!r} has no function {name!r}")
+    return build
+
+
+def _tensor_file(path_text: str, option: str) -> Any:
+    """What a ``.safetensors`` or ``torch.save`` file holds, read without running any code in it."""
+    import torch
+    from safetensors.torch import load_file
+
+    path = Path(path_text)
+    if not path.is_file():
+        raise UsageError(f"{option} {path_text!r} is not a file")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+            raise UsageError(f"{option} {path_text!r} is not a torch.save or safetensors file of tensors") from None
+        raise UsageError(
+            f"{option} {path_text!r} holds objects other than tensors, which efffeat does not load (it reads "
+            "torch.save files with weights_only=True, so no code in them runs); save tensors only"
+        ) from None
+    except Exception as e:  # safetensors' and pickle's own errors for damaged or foreign files
+        raise UsageError(
+            f"{option} {path_text!r} cannot be read as tensors ({type(e).__name__}: {_one_line(e)[:200]}); save it "
+            "with torch.save or safetensors"
+        ) from e
+
+
+def _state_dict(path_text: str, option: str) -> dict[str, Any]:
+    from torch import Tensor
+
+    state = _tensor_file(path_text, option)
+    if not (
+        isinstance(state, dict)
+        and state
+        and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items())
+    ):
+        raise UsageError(f"{option} {path_text!r} must hold a state_dict {{name: tensor}} (model.state_dict())")
+    return state
+
+
+def _check_weights(state: dict[str, Any], expected: dict[str, Any], path_text: str) -> None:
+    """Refuse a state_dict whose names or shapes are not the model's."""
+    missing, unknown = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    shapes = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unknown or shapes:
+        parts = [
+            f"{what} {', '.join(keys[:4])}"
+            for what, keys in (("missing", missing), ("unexpected", unknown), ("of another shape", shapes))
+            if keys
+        ]
+        raise UsageError(f"{path_text!r} does not fit the model: {'; '.join(parts)}")
+
+
+def _data_file(path_text: str) -> Any:
+    """The data: a tensor, a tuple of tensors or a dict of tensors, each with one row per example."""
+    from torch import Tensor
+
+    data = _tensor_file(path_text, "--data")
+    items = data if isinstance(data, tuple) else list(data.values()) if isinstance(data, dict) else [data]
+    if not (
+        items
+        and all(isinstance(t, Tensor) and t.ndim for t in items)
+        and (not isinstance(data, dict) or all(isinstance(k, str) for k in data))
+    ):
+        raise UsageError(
+            f"--data {path_text!r} must hold a tensor, a tuple of tensors or a dict of tensors with one row per "
+            f"example, got {type(data).__name__}"
+        )
+    return data
 
 
 def _write_json(path: Path, obj: Any) -> Path:
@@ -194,6 +416,16 @@ def _label(t: Any) -> str:
 
 
 # ---- argument parsing ------------------------------------------------------------------------------------
+def _readout(text: str) -> str | int:
+    """An argparse type: ``output`` or an integer output index."""
+    if text == "output":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'output' or an output index, got {text!r}") from None
+
+
 def _key_value(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key:
@@ -255,6 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", choices=list(MODELS), help="; ".join(f"{k}: {v[1]}" for k, v in MODELS.items()))
     p.add_argument("--out", required=True, metavar="DIR", help="directory to save the run in (created)")
+    p.add_argument("--force", action="store_true", help="overwrite a run already saved in --out")
     p.add_argument("--steps", type=_count, default=None, help="training steps (default: the model's own)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     p.add_argument(
@@ -270,10 +503,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "analyse",
         aliases=["analyze"],
-        parents=[debug, run_dir, examples],
+        parents=[debug, examples],
         help="dual model, completeness, ranking (and a report)",
-        description="Compute the effective features of a run, print the completeness of every order and the "
-        "top ranked features, save analysis.json, and write the HTML report with --report.",
+        description="Compute the effective features of a run (or of your own model: --model, --init, --trained, "
+        "--data), print the completeness of every order and the top ranked features, save analysis.json, and "
+        "write the HTML report with --report.",
+    )
+    p.add_argument(
+        "dir", metavar="DIR", help="the run's directory (written by efffeat train); with --model, where to write"
+    )
+    own = p.add_argument_group("your own model")
+    own.add_argument(
+        "--model", metavar="MODULE:FUNCTION", help="pkg.module:function or file.py:function (no arguments)"
+    )
+    own.add_argument("--init", metavar="FILE", help="its state_dict at initialisation (.safetensors or .pt)")
+    own.add_argument("--trained", metavar="FILE", help="its state_dict after training (.safetensors or .pt)")
+    own.add_argument("--data", metavar="FILE", help="a tensor, a tuple or a dict of tensors (.pt or .safetensors)")
+    own.add_argument(
+        "--readout", type=_readout, default=None, help="'output' (default) or an output index (default: the run's)"
     )
     p.add_argument("--order", choices=ORDERS, default="nlo", help="order of the effective features (default nlo)")
     p.add_argument("--by", choices=list(CRITERIA), default="contribution", help="ranking score (default contribution)")

@@ -6,7 +6,7 @@ this model far from its initialisation, so the expansions around θ0 (``init``, 
 leave a large residual and the report shows the ``path`` features, the exact dual of the trained network. The
 same as::
 
-    efffeat train tms --out runs/demo --steps 1500 --set lr=0.01 --set batch_size=256 --set n_data=512
+    efffeat train tms --out runs/demo --force --steps 1500 --set lr=0.01 --set batch_size=256 --set n_data=512
     efffeat analyse runs/demo --order path --group input --report runs/demo/report.html
 """
 
@@ -33,7 +33,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # a 15-parameter model: threads only add synchronisation
     out = Path(args.out)
-    code = cli.main(["train", "tms", "--out", str(out), "--steps", args.steps, "--seed", args.seed, *TRAIN_OPTIONS])
+    train = ["train", "tms", "--out", str(out), "--force", "--steps", args.steps, "--seed", args.seed]
+    code = cli.main([*train, *TRAIN_OPTIONS])  # --force: each demo replaces the last
     if code:
         return code
     report = out / cli.REPORT_FILE

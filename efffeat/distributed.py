@@ -23,38 +23,55 @@ the factors (``O(N·(d_in + d_out))``, far smaller than the kernel) so each rank
 then gathers the blocks; `max_activating` merges per-rank top-k lists (`merge_topk`). Without an initialised
 process group every function works on one process (world size 1). `kernel_to_disk` writes kernels larger
 than memory to a ``.npy`` file in blocks of rows (each rank its own rows), readable as a ``numpy.memmap``.
+
+Failures: when one rank's features fail with an efffeat error (NaN in its shard, data the model rejects), every
+rank raises it, naming the rank and — for sharded tensors — the example's global index, instead of leaving the
+others waiting. A rank that stops answering (killed, frozen) makes the others' next collective fail after the
+process group's timeout (`init`'s ``timeout``, five minutes by default).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as td
 from torch import Tensor
 
-from ._check import positive_int
+from . import errors
+from ._atomic import commit, discard, new_temp
+from ._check import positive_int, real
 from .dual import DualModel
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, EfffeatError, SaveFileError
 from .factors import gather_examples
 from .features import EffectiveFeatures
 
 # Bytes of kernel rows `kernel_to_disk` computes at once when no block size is given.
 _BLOCK_BYTES = 256 << 20
 
+# Seconds a collective waits for the other ranks before it fails (torch's own default is 30 minutes).
+DEFAULT_TIMEOUT = 300.0
+
+T = TypeVar("T")
+
 
 # ---- the process group ---------------------------------------------------------------------------------
-def init(backend: str | None = None) -> tuple[int, int]:
+def init(backend: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> tuple[int, int]:
     """Initialise the default process group from torchrun's environment; returns ``(rank, world_size)``.
 
     backend: ``"gloo"`` (CPU) or ``"nccl"`` (GPU); default NCCL when CUDA is available, else gloo. With NCCL
-    the current CUDA device is set to ``LOCAL_RANK``. Does nothing if the group already exists.
+    the current CUDA device is set to ``LOCAL_RANK``. timeout: seconds a collective waits for the other
+    ranks before it fails (default five minutes): a rank that died or froze stops the others after this long.
+    Does nothing if the group already exists (its timeout stays as it was set).
     """
+    seconds = real("timeout", timeout, 0, strict=True)
     if not td.is_available():
         raise ConfigError("this PyTorch build has no torch.distributed; install a build with distributed support")
     if not td.is_initialized():
@@ -66,7 +83,7 @@ def init(backend: str | None = None) -> tuple[int, int]:
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        td.init_process_group(backend=backend)
+        td.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=seconds))
     return td.get_rank(), td.get_world_size()
 
 
@@ -106,9 +123,51 @@ def shard(data: Any) -> Any:
     return data
 
 
+def shard_start(data: Any) -> int | None:
+    """Global index of this rank's first example of `data` when it is sharded by rows (None for an iterable)."""
+    if isinstance(data, Tensor) and data.ndim:
+        return shard_range(data.shape[0]).start
+    if isinstance(data, tuple) and data and all(isinstance(t, Tensor) and t.ndim for t in data):
+        return shard_range(data[0].shape[0]).start
+    return None
+
+
 def features(dual: DualModel, data: Any, batch_size: int = 256, order: str | None = None) -> EffectiveFeatures:
-    """The effective features of this rank's shard of `data` (see the module docstring for the sharding)."""
-    return dual.features(shard(data), batch_size=batch_size, order=order)
+    """The effective features of this rank's shard of `data` (see the module docstring for the sharding).
+
+    If any rank fails (an efffeat error, e.g. NaN in its shard), every rank raises it (`on_every_rank`).
+    """
+    local = shard(data)
+    return on_every_rank(lambda: dual.features(local, batch_size=batch_size, order=order), shard_start(data))
+
+
+def on_every_rank(compute: Callable[[], T], start: int | None = None) -> T:
+    """This rank's part of a step that every rank takes: its result, or the error of the first rank that failed.
+
+    An efffeat error on any rank is raised on every rank (its type and message, naming the rank); an example
+    index in it is made global with `start`, the failing rank's first global example index (None: the rank's
+    own data, an iterable, where indices stay local). Must be called by every rank, like any collective.
+    """
+    rank, size = world()
+    error: EfffeatError | None = None
+    try:
+        result = compute()
+    except EfffeatError as e:
+        error = e
+    if size == 1:
+        if error is not None:
+            raise error
+        return result
+    if not _any_true(error is not None):
+        return result
+    mine = None if error is None else (type(error).__name__, _global_message(str(error), rank, size, start))
+    every: list[Any] = [None] * size
+    td.all_gather_object(every, mine)
+    first = next(r for r, e in enumerate(every) if e is not None)
+    name, message = every[first]
+    cls = getattr(errors, name, None)
+    cls = cls if isinstance(cls, type) and issubclass(cls, EfffeatError) else DataError
+    raise cls(message) from error
 
 
 def example_offset(n_local: int) -> int:
@@ -264,6 +323,17 @@ def kernel(feats: EffectiveFeatures, params: Sequence[str] | None = None, dst: i
     return None if parts is None else torch.cat(parts)
 
 
+_EXAMPLE = re.compile(r"\bexample (\d+)\b")
+
+
+def _global_message(message: str, rank: int, size: int, start: int | None) -> str:
+    """`message` of rank `rank`'s error, its first example index made global (rank-local data: kept)."""
+    if start is not None:
+        message = _EXAMPLE.sub(lambda m: f"example {int(m[1]) + start}", message, count=1)
+    where = f"rank {rank} of {size}" + (f", whose shard starts at global example {start}" if start else "")
+    return f"{message} ({where})"
+
+
 # ---- top-k ----------------------------------------------------------------------------------------------
 def merge_topk(values: Tensor, indices: Tensor, k: int, largest: bool = True) -> tuple[Tensor, Tensor]:
     """The best `k` of candidate rows: ``values [m, ...]`` with global example ``indices [m, ...]``.
@@ -296,7 +366,8 @@ def max_activating(dual: DualModel, data: Any, features: Any, k: int = 16, **kwa
     from .search import TopKEntry
     from .search import max_activating as search_local
 
-    local = search_local(dual, shard(data), features, k=k, **kwargs)
+    part = shard(data)
+    local = on_every_rank(lambda: search_local(dual, part, features, k=k, **kwargs), shard_start(data))
     n_local, n_out, largest = local.meta["n_examples"], local.meta["n_outputs"], local.meta["largest"]
     offset = example_offset(n_local)
     entries = {}
@@ -341,25 +412,75 @@ def kernel_to_disk(
         block = max(1, _BLOCK_BYTES // row_bytes)
     positive_int("block", block)
     path = Path(path)
-    partial = path.with_name(f".{path.name}.partial")
-    if world()[0] == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=shape).flush()
-    barrier()
-    data_offset = np.load(partial, mmap_mode="r").offset  # the .npy header's length
-    # Plain positional writes (not a writable memmap) keep resident memory at one block.
-    with open(partial, "r+b") as fh:
-        for s in range(0, local.n_examples, block):
-            rows = local.select_rows(slice(s, s + block)).kernel(every, params=params)
-            fh.seek(data_offset + (start + s) * row_bytes)
-            fh.write(np.ascontiguousarray(rows.detach().cpu().numpy(), dtype=dtype).tobytes())
-        fh.flush()
-        os.fsync(fh.fileno())
-    barrier()
-    if world()[0] == 0:
-        os.replace(partial, path)
-    barrier()
+    tmp, data_offset = _new_kernel_file(path, dtype, shape)
+    first = world()[0] == 0
+
+    def rename() -> None:
+        if first:
+            try:
+                commit(tmp, path)
+            except OSError as e:
+                raise SaveFileError(f"could not write {path} ({e}); check the directory is writable") from e
+
+    try:  # each step ends with every rank agreeing it went well: the rows are all on disk before the rename
+        on_every_rank(lambda: _write_rows(local, every, tmp, data_offset + start * row_bytes, block, dtype, params))
+        on_every_rank(rename)
+    except BaseException:
+        if first:
+            discard(tmp)
+        raise
     return np.load(path, mmap_mode="r")
+
+
+def _new_kernel_file(path: Path, dtype: Any, shape: tuple[int, ...]) -> tuple[Path, int]:
+    """A new temporary ``.npy`` file beside `path` with the header of a `shape` array and room for its data, and
+    where the data starts. Rank 0 creates it (a unique name, `efffeat._atomic.new_temp`) and names it to all."""
+    made: list[Any] = [None]
+    if world()[0] == 0:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = new_temp(path)
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
+            with _open_existing(tmp) as fh:
+                np.lib.format.write_array_header_1_0(fh, header)
+                offset = fh.tell()
+                fh.truncate(offset + int(np.prod(shape)) * np.dtype(dtype).itemsize)
+            made[0] = (str(tmp), offset)
+        except OSError as e:
+            made[0] = f"could not create the kernel file beside {path} ({e}); check the directory is writable"
+    if _collective():
+        td.broadcast_object_list(made, src=0)
+    if isinstance(made[0], str):
+        raise SaveFileError(made[0])
+    return Path(made[0][0]), made[0][1]
+
+
+def _open_existing(path: Path):
+    """`path` opened for reading and writing without creating it or following a symlink there."""
+    return open(os.open(path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0)), "r+b")
+
+
+def _write_rows(
+    local: EffectiveFeatures,
+    every: EffectiveFeatures,
+    tmp: Path,
+    at: int,
+    block: int,
+    dtype: Any,
+    params: Sequence[str] | None,
+) -> None:
+    """Write this rank's kernel rows into the file `tmp` from byte `at` on, `block` rows at a time."""
+    try:
+        # Plain sequential writes (not a writable memmap) keep resident memory at one block.
+        with _open_existing(tmp) as fh:
+            fh.seek(at)
+            for s in range(0, local.n_examples, block):
+                rows = local.select_rows(slice(s, s + block)).kernel(every, params=params)
+                fh.write(np.ascontiguousarray(rows.detach().cpu().numpy(), dtype=dtype).tobytes())
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as e:
+        raise SaveFileError(f"could not write the kernel rows to {tmp} ({e}); check the disk has space") from e
 
 
 __all__ = [
@@ -375,10 +496,12 @@ __all__ = [
     "max_activating",
     "merge_topk",
     "n_examples",
+    "on_every_rank",
     "rank",
     "rmatvec",
     "shard",
     "shard_range",
+    "shard_start",
     "sq_sums",
     "world",
 ]

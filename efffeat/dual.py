@@ -56,12 +56,11 @@ from .errors import (
     UnsupportedModelError,
 )
 from .factors import DenseFactor, Factor, compact, sum_factors
-from .features import EffectiveFeatures
+from .features import ORDERS, EffectiveFeatures
 from .ids import FeatureIds, ParamSlot
 from .readout import Readout, ReadoutSpec
 from .rules import describe, fallback_factors, warn_fallback
 
-ORDERS = ("init", "nlo", "trained", "path")
 AUTO = "auto"
 FAIL_MODES = ("fallback", "error")
 NEEDS = ("all", "features")

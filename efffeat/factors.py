@@ -13,6 +13,7 @@ on the readout component (a layer input is shared by every component) and broadc
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -113,13 +114,30 @@ class Factor(ABC):
         """
 
 
-def from_state(tensors: dict[str, Tensor]) -> Factor:
-    """The factor whose `Factor.state` is `tensors`."""
+def from_state(tensors: dict[str, Tensor], shape: tuple[int, ...] | None = None) -> Factor:
+    """The factor whose `Factor.state` is `tensors`, of a parameter of `shape` when given.
+
+    Raises ValueError for tensors that are no factor's state, or a factor of another shape.
+    """
     if set(tensors) == {"u", "v"}:
-        return LowRankFactor(tensors["u"], tensors["v"])
-    if set(tensors) == {"g"}:
-        return DenseFactor(tensors["g"])
-    raise ValueError(f"a factor's state holds either u and v or g, got {sorted(tensors)}")
+        u, v = tensors["u"], tensors["v"]
+        if not (u.ndim == v.ndim == 4 and u.shape[0] == v.shape[0] and u.shape[2] == v.shape[2] and u.dtype == v.dtype):
+            raise ValueError(f"u [N, Ku, R, d0] and v [N, Kv, R, d1] disagree: {tuple(u.shape)}, {tuple(v.shape)}")
+        if {u.shape[1], v.shape[1]} - {1, max(u.shape[1], v.shape[1])}:
+            raise ValueError(f"u and v have K axes {u.shape[1]} and {v.shape[1]}; each must be 1 or K")
+        factor: Factor = LowRankFactor(u, v)
+        matrix = shape is not None and len(shape) == 2
+        fits = shape is None or (factor.shape == tuple(shape) if matrix else factor.numel == math.prod(shape))
+    elif set(tensors) == {"g"}:
+        if tensors["g"].ndim != 3:
+            raise ValueError(f"g must be [N, K, numel], got shape {tuple(tensors['g'].shape)}")
+        factor = DenseFactor(tensors["g"])
+        fits = shape is None or factor.numel == math.prod(shape)
+    else:
+        raise ValueError(f"a factor's state holds either u and v or g, got {sorted(tensors)}")
+    if not fits:
+        raise ValueError(f"the factor does not fit a parameter of shape {list(shape or ())}")
+    return factor
 
 
 @dataclass(frozen=True)

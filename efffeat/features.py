@@ -12,12 +12,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import io
 from ._check import one_of
 from ._memory import check_fits
 from ._savable import register
-from .errors import ConfigError, FeatureIdError
+from .errors import ConfigError, FeatureIdError, SaveFileError
 from .factors import Factor, cat_examples, factor_gram, from_state
 from .ids import FeatureIds, ParamSlot
+
+# The orders of the effective features (`efffeat.DualModel`).
+ORDERS = ("init", "nlo", "trained", "path")
 
 # Output reductions of a kernel [N, K, M, K] (`EffectiveFeatures.kernel`, `reduce_outputs`).
 REDUCTIONS = ("flatten", "diagonal", "pairs")
@@ -375,12 +379,48 @@ class EffectiveFeatures:
         return tensors, meta
 
     @classmethod
+    def validate_state(cls, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
+        """Refuse (`SaveFileError`) a state whose fields, slots, factors and readouts do not fit together."""
+        m = io.record(
+            meta,
+            "meta",
+            {"order": io.text(ORDERS), "scalar": io.flag, "slots": io.slots, "meta": io.dict_of()},
+        )
+        io.record(
+            m["meta"],
+            "meta.meta",
+            {},
+            {"nodes": io.whole(1), "readout": io.text(), "n_heads": io.nullable(io.whole(1))},
+            others=io.anything,
+        )
+        z_init = io.tensor(tensors, "z_init", "float", ndim=2)
+        n, k = z_init.shape
+        io.tensor(tensors, "z_trained", "float", shape=(n, k))
+        if m["scalar"] and k != 1:
+            io.invalid("meta.scalar", f"false for a readout of {k} components", True)
+        names = {"z_init", "z_trained"}
+        for s in m["slots"]:
+            io.tensor(tensors, f"delta/{s.name}", "float", shape=s.shape)
+            prefix = f"factors/{s.name}/"
+            own = {key[len(prefix) :]: t for key, t in tensors.items() if key.startswith(prefix)}
+            try:
+                f = from_state(own, s.shape)
+            except ValueError as e:
+                raise SaveFileError(f"the factor of {s.name!r}: {e}") from None
+            if f.n_examples != n or f.n_outputs not in (1, k) or not f.dtype.is_floating_point:
+                raise SaveFileError(f"the factor of {s.name!r} does not cover the {n} examples × {k} components")
+            names |= {f"delta/{s.name}"} | {prefix + key for key in own}
+        io.tensor_names(tensors, names)
+
+    @classmethod
     def from_state(cls, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> EffectiveFeatures:
         slots = [ParamSlot.from_json(s) for s in meta["slots"]]
         factors = {}
         for s in slots:
             prefix = f"factors/{s.name}/"
-            factors[s.name] = from_state({k[len(prefix) :]: t for k, t in tensors.items() if k.startswith(prefix)})
+            factors[s.name] = from_state(
+                {k[len(prefix) :]: t for k, t in tensors.items() if k.startswith(prefix)}, s.shape
+            )
         delta = {s.name: tensors[f"delta/{s.name}"] for s in slots}
         return cls(
             factors,

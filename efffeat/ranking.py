@@ -37,12 +37,12 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from . import groups
+from . import groups, io
 from ._check import positive_int
 from ._savable import register
-from .errors import ConfigError
+from .errors import ConfigError, SaveFileError
 from .factors import difference
-from .features import EffectiveFeatures
+from .features import ORDERS, EffectiveFeatures
 from .ids import FeatureIds, ParamSlot
 
 
@@ -125,6 +125,15 @@ register_criterion(Criterion("weight", lambda f, _: f.flat_delta().abs()))
 
 BY = tuple(CRITERIA)  # the criteria efffeat ships; `CRITERIA` also holds those registered later
 GROUPS = groups.KINDS
+
+
+# The description `rank` gives a table (`FeatureTable.meta`), as a save file must hold it.
+_TABLE_META = {
+    "n_examples": io.whole(0),
+    "n_outputs": io.whole(1),
+    "order": io.text(ORDERS),
+    "n_features": io.whole(0),
+}
 
 
 # ---- the ranking ---------------------------------------------------------------------------------------
@@ -323,6 +332,31 @@ class FeatureTable:
         else:
             meta["ids"] = list(self.ids)
         return tensors, meta
+
+    @classmethod
+    def validate_state(cls, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
+        """Refuse (`SaveFileError`) a table whose rows, ids and scores do not fit together."""
+        fields = {"kind": io.text(("FeatureTable",)), "group": io.text((*GROUPS, "custom")), "by": io.text()}
+        fields["meta"] = lambda v, where: io.record(v, where, {}, _TABLE_META, others=io.anything)
+        m = io.record(meta, "meta", fields, {"slots": io.slots, "ids": io.list_of(io.text(), unique=True)})
+        scores = io.tensor(tensors, "scores", "float", ndim=1)
+        sizes = io.tensor(tensors, "sizes", "int", shape=scores.shape)
+        if len(sizes) and int(sizes.min()) < 1:
+            io.invalid("tensor 'sizes'", "at least 1 in every row", int(sizes.min()))
+        if ("slots" in m) == ("ids" in m):
+            raise SaveFileError("meta must hold either the parameter slots or the ids of the rows")
+        if "ids" in m:
+            io.tensor_names(tensors, {"scores", "sizes"})
+            if len(m["ids"]) != len(scores):
+                io.invalid("meta.ids", f"a list of {len(scores)} ids (one per score)", f"{len(m['ids'])} ids")
+            return
+        io.tensor_names(tensors, {"scores", "sizes", "positions"})
+        positions = io.tensor(tensors, "positions", "int", shape=scores.shape)
+        n_features = m["slots"][-1].offset + m["slots"][-1].numel if m["slots"] else 0
+        if len(positions) and not (0 <= int(positions.min()) and int(positions.max()) < n_features):
+            io.invalid("tensor 'positions'", f"feature positions in [0, {n_features})", positions.tolist()[:5])
+        if len(torch.unique(positions)) != len(positions):
+            raise SaveFileError("tensor 'positions' names a feature twice")
 
     @classmethod
     def from_state(cls, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> FeatureTable:

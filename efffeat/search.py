@@ -30,13 +30,14 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from . import io
 from ._check import positive_int
 from ._data import as_batches
 from ._savable import register
 from .dual import DualModel
-from .errors import ConfigError, DataError, FeatureIdError
+from .errors import ConfigError, DataError, FeatureIdError, SaveFileError
 from .factors import Selection
-from .features import EffectiveFeatures
+from .features import ORDERS, EffectiveFeatures
 from .groups import group_positions, n_heads_of
 from .ids import FeatureIds
 from .spectra import Eigenfeature, Spectrum
@@ -357,6 +358,43 @@ class TopK:
             if e.components is not None:
                 tensors[f"{i}.components"] = e.components
         return tensors, {"kind": "TopK", "features": list(self.features), "meta": dict(self.meta)}
+
+    @classmethod
+    def validate_state(cls, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
+        """Refuse (`SaveFileError`) a result whose entries do not fit its description."""
+        about = {
+            "k": io.whole(1),
+            "by": io.text(BY),
+            "largest": io.flag,
+            "n_examples": io.whole(1),
+            "n_outputs": io.whole(1),
+            "order": io.text(ORDERS),
+        }
+        m = io.record(
+            meta,
+            "meta",
+            {
+                "kind": io.text(("TopK",)),
+                "features": io.list_of(io.text(), unique=True),
+                "meta": lambda v, where: io.record(v, where, about),
+            },
+        )
+        n, n_outputs, k = m["meta"]["n_examples"], m["meta"]["n_outputs"], m["meta"]["k"]
+        names, with_components = set(), {f"{i}.components" in tensors for i in range(len(m["features"]))}
+        if len(with_components) > 1:
+            raise SaveFileError("some entries have readout components and others not")
+        for i in range(len(m["features"])):
+            indices = io.tensor(tensors, f"{i}.indices", "int", ndim=1)
+            io.tensor(tensors, f"{i}.values", "float", shape=indices.shape)
+            if len(indices) > k or (len(indices) and not 0 <= int(indices.min()) <= int(indices.max()) < n):
+                raise SaveFileError(f"entry {i} holds more than k={k} examples or indices outside [0, {n})")
+            names |= {f"{i}.indices", f"{i}.values"}
+            if f"{i}.components" in tensors:
+                comp = io.tensor(tensors, f"{i}.components", "int", shape=indices.shape)
+                if len(comp) and not 0 <= int(comp.min()) <= int(comp.max()) < n_outputs:
+                    raise SaveFileError(f"entry {i} holds readout components outside [0, {n_outputs})")
+                names.add(f"{i}.components")
+        io.tensor_names(tensors, names)
 
     @classmethod
     def from_state(cls, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> TopK:

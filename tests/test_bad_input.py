@@ -6,6 +6,8 @@ parameters, memory, feature ids, empty data, train-mode randomness, damaged save
 
 from __future__ import annotations
 
+import json
+import re
 import warnings
 
 import pytest
@@ -292,10 +294,17 @@ def saved(tmp_path):
 
 
 def rewrite_header(path, **changes) -> None:
+    """Edit header entries and sign the edit with a matching checksum, as a deliberate editor would."""
     with safe_open(str(path), framework="pt") as fh:
         header = {**fh.metadata(), **changes}
         tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
-    save_file(tensors, str(path), metadata={k: v for k, v in header.items() if v is not None})
+    header = {k: v for k, v in header.items() if v is not None}
+    try:
+        entries = {k: json.loads(v) if k in ("meta", "tensors") else v for k, v in header.items()}
+        header["checksum"] = io._checksum(entries)
+    except (KeyError, ValueError):
+        pass  # a damaged entry: leave the checksum as it was
+    save_file(tensors, str(path), metadata=header)
 
 
 def test_truncated_save_file(saved):
@@ -322,8 +331,9 @@ def test_corrupt_header_bytes(saved):
 
 
 def test_version_mismatch(saved):
-    rewrite_header(saved, format_version="2")
-    with pytest.raises(ef.SaveFileError, match="format version 2, this efffeat reads version 1; upgrade"):
+    newer, now = io.FORMAT_VERSION + 1, io.FORMAT_VERSION
+    rewrite_header(saved, format_version=str(newer))
+    with pytest.raises(ef.SaveFileError, match=f"format version {newer}, this efffeat reads version {now}; upgrade"):
         io.load(saved)
     rewrite_header(saved, format_version=None)
     with pytest.raises(ef.SaveFileError, match="format version None"):
@@ -342,7 +352,7 @@ def test_foreign_damaged_and_missing_files(saved, tmp_path):
     with pytest.raises(ef.SaveFileError, match="damaged 'meta'"):
         io.load(saved)
     rewrite_header(saved, meta='{"order": "nlo"}')
-    with pytest.raises(ef.SaveFileError, match="could not be restored"):
+    with pytest.raises(ef.SaveFileError, match="state is invalid"):
         io.load(saved)
     for name, content in [("empty.safetensors", b""), ("junk.safetensors", b"\x00" * 3 + b"not a file" * 40)]:
         (tmp_path / name).write_bytes(content)
@@ -495,3 +505,61 @@ def test_fuzz_feature_accessors(ids, vector, params):
 def test_bad_engine_options_and_batches(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+# ---- zoo configs: every option checked, sizes bounded, before anything is built ---------------------------
+@pytest.mark.parametrize(
+    ("constructor", "options", "match"),
+    [
+        ("tms", {"n_features": "abc"}, "n_features must be a positive integer"),
+        ("tms", {"n_features": 5.0}, "n_features must be a positive integer"),
+        ("tms", {"n_hidden": True}, "n_hidden must be a positive integer"),
+        ("tms", {"lr": float("nan")}, "lr must be a positive finite number"),
+        ("tms", {"lr": float("inf")}, "lr must be a positive finite number"),
+        ("tms", {"weight_decay": -1}, "weight_decay must be a non-negative finite number"),
+        ("tms", {"importance": 2.0}, "importance must be at most 1"),
+        ("tms", {"batch_size": 0}, "batch_size must be a positive integer"),
+        ("tms", {"steps": 10**9}, "steps must be at most"),
+        ("tms", {"seed": -1}, "seed must be an integer ≥ 0"),
+        ("tms", {"n_features": 30_000, "n_hidden": 30_000, "n_data": 30_000}, "more than the"),
+        ("digits_mlp", {"hidden": 32}, "hidden must be a list of 1 to"),
+        ("digits_mlp", {"hidden": ()}, "hidden must be a list of 1 to"),
+        ("digits_mlp", {"test_fraction": 1e-9}, "both splits"),
+        ("digits_mlp", {"hidden": (1 << 20, 1 << 20)}, "more than the"),
+        ("teacher_student", {"d": 1}, "d must be an integer ≥ 2"),
+        ("teacher_student", {"k": 4, "d": 3}, "k must be even"),
+        ("teacher_student", {"n_train": 10**7}, "more than the"),
+        ("modular_addition", {"p": 2}, "p must be an integer ≥ 3"),
+        ("modular_addition", {"d_model": 30, "n_heads": 4}, "divisible"),
+        ("modular_addition", {"train_fraction": 1.0}, "train_fraction must be below 1"),
+        ("modular_addition", {"p": 4000}, "more than the"),
+    ],
+)
+def test_zoo_configs_are_checked_before_a_model_is_built(constructor, options, match, monkeypatch):
+    import efffeat.zoo as zoo
+    from efffeat.zoo import run as zoo_run
+
+    def no_build(build, config):
+        raise AssertionError(f"built a model of a bad config {config}")
+
+    monkeypatch.setattr(zoo_run, "seeded_build", no_build)
+    with pytest.raises(ef.ConfigError, match=re.escape(match)):
+        getattr(zoo, constructor)(**options)
+
+
+def test_zoo_configs_with_unknown_or_missing_options_are_refused():
+    good = ef.zoo.tms(n_data=8, batch_size=4).config
+    with pytest.raises(ef.ConfigError, match="unknown colour"):
+        ef.zoo.Run({**good, "colour": "blue"})
+    with pytest.raises(ef.ConfigError, match="missing lr"):
+        ef.zoo.Run({k: v for k, v in good.items() if k != "lr"})
+    with pytest.raises(ef.ConfigError, match="unknown zoo model kind"):
+        ef.zoo.Run({**good, "kind": "os.system"})
+
+
+def test_run_steps_are_checked():
+    run = ef.zoo.tms(n_data=8, batch_size=4)
+    for steps in (-1, 2.5, 10**9, "10"):
+        with pytest.raises(ef.ConfigError, match="steps"):
+            run.train(steps, progress=False)
+    assert run.steps_done == 0

@@ -97,6 +97,20 @@ def test_help_everywhere(capsys):
         (["train", "tms", "--out", "{empty}", "--set", "colour=blue"], "colour"),
         (["report", "{corrupt}"], "corrupt"),
         (["frobnicate"], "invalid choice"),
+        (["train", "tms", "--out", "{new}", "--set", "n_features=abc"], "n_features must be a positive integer"),
+        (["train", "tms", "--out", "{new}", "--set", "n_features=1e400"], "n_features must be a positive integer"),
+        (["train", "tms", "--out", "{new}", "--set", "lr=NaN"], "lr must be a positive finite number"),
+        (["train", "tms", "--out", "{new}", "--set", "batch_size=0"], "batch_size must be a positive integer"),
+        (["train", "tms", "--out", "{new}", "--set", "sparsity=1"], "sparsity must be below 1"),
+        (["train", "digits", "--out", "{new}", "--set", "hidden=[32,-1]"], "hidden[1] must be a positive integer"),
+        (["train", "tms", "--out", "{new}", "--set", "n_hidden=30000", "--set", "n_features=30000"], "more than"),
+        (["train", "tms", "--out", "{new}", "--steps", "1e20"], "--steps: expected an integer"),
+        (["train", "tms", "--out", "{new}", "--steps", str(10**20)], "--steps must be at most"),
+        (["train", "tms", "--out", "{new}", "--seed", "-3"], "seed must be an integer ≥ 0"),
+        (["train", "tms", "--out", "{run}"], "already exists; pass --force"),
+        (["search", "{listed}", "--feature", "encoder.weight[0,:]"], "analysis.json must be an object"),
+        (["report", "{truncated}"], "comparison.json is not what efffeat wrote there"),
+        (["report", "{binary}"], "analysis.json is not what efffeat wrote there"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(argv, message, run_dir, tmp_path, capsys):
@@ -105,11 +119,48 @@ def test_bad_input_is_one_line_and_exit_code_2(argv, message, run_dir, tmp_path,
     (corrupt / cli.RUN_FILE).write_bytes((run_dir / cli.RUN_FILE).read_bytes()[:-100])
     (tmp_path / "empty").mkdir()
     places = {"missing": tmp_path / "missing", "empty": tmp_path / "empty", "run": run_dir, "corrupt": corrupt}
+    places["new"] = tmp_path / "new"
+    for name, file, content in [
+        ("listed", cli.ANALYSIS_FILE, b"[]"),
+        ("truncated", cli.COMPARISON_FILE, b'[{"method": "pca", "mmcs": 0.5'),
+        ("binary", cli.ANALYSIS_FILE, b"\xff\xfe\x00junk"),
+    ]:
+        places[name] = tmp_path / name
+        places[name].mkdir()
+        (places[name] / cli.RUN_FILE).write_bytes((run_dir / cli.RUN_FILE).read_bytes())
+        (places[name] / file).write_bytes(content)
     code, out, err = run_cli(capsys, *[a.format(**places) for a in argv])
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("efffeat") and message in lines[0], err
     assert "Traceback" not in err
+    assert not (tmp_path / "new").exists()  # refused before anything was built or written
+
+
+def test_train_overwrites_a_run_only_with_force(run_dir, capsys):
+    before = (run_dir / cli.RUN_FILE).read_bytes()
+    code, _, err = run_cli(capsys, "train", "tms", "--out", run_dir, "--seed", "3", *TINY)
+    assert code == 2 and (run_dir / cli.RUN_FILE).read_bytes() == before, err
+    code, _, err = run_cli(capsys, "train", "tms", "--out", run_dir, "--seed", "3", "--force", *TINY)
+    assert code == 0 and ef.zoo.load(run_dir / cli.RUN_FILE).config["seed"] == 3, err  # the same run, again
+
+
+_FULL_DISK = """
+import resource, signal, sys
+from efffeat import cli
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)      # a write past the limit fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_full_disk_is_exit_code_2_and_leaves_no_partial_file(tmp_path):
+    out = tmp_path / "run"
+    argv = ["train", "tms", "--out", str(out), *TINY]
+    done = subprocess.run([sys.executable, "-c", _FULL_DISK, *argv], capture_output=True, text=True, timeout=300)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "could not write" in lines[0], done.stderr
+    assert list(out.iterdir()) == []
 
 
 def test_unexpected_failure_is_exit_code_1_with_traceback_under_debug(run_dir, capsys, monkeypatch):

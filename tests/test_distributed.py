@@ -6,9 +6,13 @@ rank computes its shard and the combined results are written to OUT for the test
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -181,6 +185,91 @@ def test_init_outside_torchrun_says_how_to_launch(monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     with pytest.raises(ef.ConfigError, match="torchrun"):
         dist.init()
+    for bad in (0, -1.0, float("nan"), "5"):
+        with pytest.raises(ef.ConfigError, match="timeout"):
+            dist.init(timeout=bad)
+
+
+def test_an_error_of_one_process_is_raised_with_its_global_index_and_rank():
+    dual, x = setup()
+    x = x.clone()
+    x[7, 2] = float("nan")
+    with pytest.raises(ef.NonFiniteError, match=r"input example 7 contains NaN"):
+        dist.features(dual, x)
+
+
+def _spawn(case: str, out: Path) -> list[subprocess.Popen]:
+    """Two gloo processes running `_case(case)` of this file, joined through a free local port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
+    return [
+        subprocess.Popen(
+            [sys.executable, __file__, "--case", case, str(out)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}
+        )
+        for r in range(2)
+    ]
+
+
+def _finish(procs: list[subprocess.Popen], timeout: float) -> None:
+    """Wait up to `timeout` seconds for the processes; kill those still running."""
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+@pytest.mark.skipif(not (td.is_available() and td.is_gloo_available()), reason="torch.distributed gloo unavailable")
+def test_nan_on_one_rank_is_raised_on_every_rank_with_the_global_index(tmp_path):
+    procs = _spawn("nan", tmp_path)
+    _finish(procs, 120)
+    assert [p.returncode for p in procs] == [0, 0]
+    for r in range(2):
+        got = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert got["type"] == "NonFiniteError", got
+        assert got["message"].startswith("input example 7 contains NaN or inf"), got  # global: rank 1's local 2
+        assert "(rank 1 of 2, whose shard starts at global example 5)" in got["message"], got
+
+
+@pytest.mark.skipif(not (td.is_available() and td.is_gloo_available()), reason="torch.distributed gloo unavailable")
+def test_a_frozen_rank_stops_the_others_after_the_timeout(tmp_path):
+    procs = _spawn("frozen", tmp_path)
+    _finish(procs[:1], 120)
+    _finish(procs[1:], 0)  # the frozen rank
+    got = json.loads((tmp_path / "rank0.json").read_text())
+    assert 2.5 < got["seconds"] < 30 and "Timed out" in got["message"], got
+
+
+def _case(case: str, out: Path) -> None:
+    """A worker of the two-process tests: `case` "nan" or "frozen"; writes what it saw to OUT/rank<r>.json."""
+    (out / f"ready{os.environ['RANK']}").touch()  # both ranks join at once, however long their imports took
+    while not all((out / f"ready{r}").exists() for r in range(2)):
+        time.sleep(0.01)
+    rank, _ = dist.init("gloo", timeout=3 if case == "frozen" else 120)
+    torch.set_num_threads(1)
+    dual, x = setup()
+    start = time.monotonic()
+    if case == "nan":
+        x[7, 2] = float("nan")  # global example 7: rank 1's example 2
+    elif rank == 1:
+        os.kill(os.getpid(), signal.SIGSTOP)  # frozen: answers no collective
+    try:
+        dist.rank(dist.features(dual, x), by="contribution")
+        seen = {"type": None, "message": ""}
+    except Exception as e:
+        seen = {"type": type(e).__name__, "message": str(e)}
+    (out / f"rank{rank}.json").write_text(json.dumps({**seen, "seconds": time.monotonic() - start}))
 
 
 def _worker(out: Path) -> None:
@@ -192,4 +281,7 @@ def _worker(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    _worker(Path(sys.argv[1]))
+    if sys.argv[1] == "--case":
+        _case(sys.argv[2], Path(sys.argv[3]))
+    else:
+        _worker(Path(sys.argv[1]))

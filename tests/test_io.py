@@ -152,6 +152,13 @@ def test_every_result_type_round_trips_through_a_file(tmp_path):
             assert_identical(tensors_back[key], t)
 
 
+def test_every_efffeat_savable_class_validates_its_state():
+    for name, obj in _result_objects().items():
+        assert callable(getattr(type(obj), "validate_state", None)), name
+        tensors, meta = obj.to_state()
+        type(obj).validate_state(tensors, json.loads(json.dumps(meta)))  # what a file holds passes
+
+
 def test_every_savable_class_is_covered_above():
     import efffeat.baselines.compare  # noqa: F401  (registers its classes)
     import efffeat.zoo  # noqa: F401
@@ -210,8 +217,9 @@ def test_killed_writer_leaves_the_old_file_intact(tmp_path):
     assert seen_tmp, "the writer finished before it could be killed mid-write"
     back = io.load(path)
     assert back.meta == {"v": "old"} and torch.equal(back.tensors["x"], torch.arange(5.0))
-    io.save(Box({"x": torch.ones(2)}, {"v": "after"}), path)  # a later save still works beside the stale temp file
+    io.save(Box({"x": torch.ones(2)}, {"v": "after"}), path)  # a later save works, and removes the killed one's file
     assert io.load(path).meta == {"v": "after"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.safetensors"]
 
 
 class Unregistered(Box):

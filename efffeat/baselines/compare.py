@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import io
 from .._check import positive_int
 from .._savable import register
 from ..errors import ConfigError
@@ -81,8 +82,27 @@ class ComparisonTable:
         return {}, {"rows": self.to_records(), "meta": dict(self.meta)}
 
     @classmethod
+    def validate_state(cls, tensors: dict[str, Tensor], meta: dict) -> None:
+        """Refuse (`SaveFileError`) rows that are not ``{"method": name, column: value}`` with distinct methods."""
+        io.tensor_names(tensors, set())
+        m = io.record(meta, "meta", {"rows": io.list_of(_row), "meta": io.dict_of()})
+        io.list_of(io.text(), unique=True)([r["method"] for r in m["rows"]], "meta.rows' methods")
+
+    @classmethod
     def from_state(cls, tensors: dict[str, Tensor], meta: dict) -> ComparisonTable:
         return cls([dict(r) for r in meta["rows"]], dict(meta["meta"]))
+
+
+def _row(value: Any, where: str) -> dict[str, Any]:
+    """A table row: ``{"method": name, column: cell, ...}``."""
+    return io.record(value, where, {"method": io.text()}, others=_cell)
+
+
+def _cell(value: Any, where: str) -> Any:
+    """A table cell: a number, a string, true/false or null."""
+    if value is not None and not isinstance(value, int | float | str):
+        io.invalid(where, "a number, a string, true/false or null", value)
+    return value
 
 
 def _fmt(v: Any) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import io
 from .._data import as_batches, batch_inputs
 from .._savable import register
 from .._swap import kept_modes
@@ -102,6 +103,13 @@ class NeuronActivations:
 
     def to_state(self) -> tuple[dict[str, Tensor], dict]:
         return {"values": self.values.detach().clone()}, {"layer": self.layer, "at": self.at}
+
+    @classmethod
+    def validate_state(cls, tensors: dict[str, Tensor], meta: dict) -> None:
+        """Refuse (`SaveFileError`) anything but ``values [N, n_units]`` read at a module's output or input."""
+        io.record(meta, "meta", {"layer": io.text(empty=True), "at": io.text(("output", "input"))})
+        io.tensor_names(tensors, {"values"})
+        io.tensor(tensors, "values", "float", ndim=2)
 
     @classmethod
     def from_state(cls, tensors: dict[str, Tensor], meta: dict) -> NeuronActivations:

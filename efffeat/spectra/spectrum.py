@@ -28,10 +28,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import io
 from .._check import one_of, positive_int
 from .._memory import check_fits
 from .._savable import register
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, SaveFileError
 from ..features import EffectiveFeatures, component_weights
 from ..ids import FeatureIds, ParamSlot
 from .operator import KernelOperator
@@ -225,6 +226,35 @@ class Spectrum:
             "meta": dict(self.meta),
         }
         return tensors, meta
+
+    @classmethod
+    def validate_state(cls, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
+        """Refuse (`SaveFileError`) a spectrum whose eigenpairs and directions do not fit together."""
+        m = io.record(
+            meta,
+            "meta",
+            {
+                "slots": io.nullable(io.slots),
+                "params": io.nullable(io.list_of(io.text(), unique=True)),
+                "ridge": io.number(0),
+                "meta": io.dict_of(),
+            },
+        )
+        values = io.tensor(tensors, "values", "float", ndim=1)
+        functions = io.tensor(tensors, "functions", "float", ndim=(2, 3))
+        if functions.shape[-1] != len(values):
+            io.invalid("tensor 'functions'", f"[N, (K,) {len(values)}] (one column per eigenvalue)", functions.shape)
+        if m["slots"] is None and m["params"] is None:
+            io.tensor_names(tensors, {"values", "functions"})
+            return
+        if m["slots"] is None or m["params"] is None:
+            raise SaveFileError("meta.slots and meta.params are both given (parameter directions) or both null")
+        numel = {s.name: s.numel for s in m["slots"]}
+        unknown = [p for p in m["params"] if p not in numel]
+        if unknown:
+            io.invalid("meta.params", "names of the slots' parameters", unknown)
+        io.tensor_names(tensors, {"values", "functions", "direction_matrix"})
+        io.tensor(tensors, "direction_matrix", "float", shape=(len(values), sum(numel[p] for p in m["params"])))
 
     @classmethod
     def from_state(cls, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> Spectrum:

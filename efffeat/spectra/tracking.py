@@ -10,8 +10,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .. import io
 from .._savable import register
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, SaveFileError
 
 
 def central_difference(values: Tensor | Sequence[float], epochs: Tensor | Sequence[float] | None = None) -> Tensor:
@@ -54,6 +55,17 @@ class Tracking:
 
     def to_state(self) -> tuple[dict[str, Tensor], dict]:
         return {"epochs": self.epochs, "values": self.values, "derivative": self.derivative}, {}
+
+    @classmethod
+    def validate_state(cls, tensors: dict[str, Tensor], meta: dict) -> None:
+        """Refuse (`SaveFileError`) series of different lengths or epochs that do not increase."""
+        io.record(meta, "meta", {})
+        io.tensor_names(tensors, {"epochs", "values", "derivative"})
+        epochs = io.tensor(tensors, "epochs", "float", ndim=1)
+        for name in ("values", "derivative"):
+            io.tensor(tensors, name, "float", shape=epochs.shape)
+        if len(epochs) < 2 or bool((epochs[1:] <= epochs[:-1]).any()):
+            raise SaveFileError("tensor 'epochs' must hold at least two strictly increasing epochs")
 
     @classmethod
     def from_state(cls, tensors: dict[str, Tensor], meta: dict) -> Tracking:

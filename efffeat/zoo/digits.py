@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from .run import Built, Recipe, Run, register
+from .run import SEED, STEPS, Built, Recipe, Run, checked_config, count, rate, register, widths, within_budget
 
 if TYPE_CHECKING:
     from ..baselines import Probe, Units
@@ -77,7 +77,37 @@ def _score(run: Run, units: Units) -> dict[str, Any]:
     return label_scores(units.functions, run.data[1])
 
 
-register("digits_mlp", Recipe(_build, _optimizer, _loss, _evaluate, readout=correct_logit, probe=_probe, score=_score))
+# Examples in scikit-learn's digits (``load_digits()``), split into train and test by ``test_fraction``.
+N_DIGITS = 1797
+
+_OPTIONS = {
+    "hidden": widths(),
+    "steps": STEPS,
+    "lr": rate(),
+    "weight_decay": rate(strict=False),
+    "batch_size": count(),
+    "test_fraction": rate(0.0, 1.0, below=True),
+    "seed": SEED,
+}
+
+
+def _check(config: dict) -> dict:
+    """The config with every option checked; both splits non-empty, the weights and a batch within budget."""
+    c = checked_config("digits_mlp", config, _OPTIONS)
+    if not 1 <= round(c["test_fraction"] * N_DIGITS) < N_DIGITS:
+        raise ConfigError(
+            f"test_fraction must leave both splits of the {N_DIGITS} digits non-empty, got {c['test_fraction']}"
+        )
+    sizes = [64, *c["hidden"], 10]
+    weights = sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:]))
+    within_budget("digits_mlp", weights + c["batch_size"] * sum(sizes), "the weights and a batch's activations")
+    return c
+
+
+register(
+    "digits_mlp",
+    Recipe(_build, _optimizer, _loss, _evaluate, readout=correct_logit, probe=_probe, score=_score, check=_check),
+)
 
 
 def digits_mlp(
@@ -94,12 +124,10 @@ def digits_mlp(
     ``run.data = (x [n_train, 64] in [0, 1], labels [n_train])``; the test split is ``run.extra["test_x"]``,
     ``["test_y"]``. The readout is the correct-class logit (`correct_logit`).
     """
-    if not 0 < test_fraction < 1:
-        raise ConfigError(f"test_fraction must be in (0, 1), got {test_fraction}")
     return Run(
         {
             "kind": "digits_mlp",
-            "hidden": list(hidden),
+            "hidden": list(hidden) if isinstance(hidden, tuple | list) else hidden,
             "steps": steps,
             "lr": lr,
             "weight_decay": weight_decay,

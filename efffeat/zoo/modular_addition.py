@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..spectra.fourier import fourier_alignment, frequency_norms, key_frequencies
 from .digits import correct_logit
-from .run import Built, Recipe, Run, register
+from .run import SEED, STEPS, Built, Recipe, Run, checked_config, count, rate, register, within_budget
 
 if TYPE_CHECKING:
     from plotly.graph_objects import Figure
@@ -139,6 +139,35 @@ def _score(run: Run, units: Units) -> dict[str, Any]:
     return {"fourier": float(align.mean()), "key_freqs": " ".join(str(k) for k in freqs)}
 
 
+_OPTIONS = {
+    "p": count(3, 1 << 12),
+    "d_model": count(1, 1 << 14),
+    "n_heads": count(1, 1 << 10),
+    "d_mlp": count(1, 1 << 16),
+    "train_fraction": rate(0.0, 1.0, below=True),
+    "steps": STEPS,
+    "lr": rate(),
+    "weight_decay": rate(strict=False),
+    "seed": SEED,
+}
+
+
+def _check(config: dict) -> dict:
+    """The config with every option checked; both splits non-empty, the weights and a full batch within budget."""
+    c = checked_config("modular_addition", config, _OPTIONS)
+    p, d, heads, d_mlp = c["p"], c["d_model"], c["n_heads"], c["d_mlp"]
+    if d % heads:
+        raise ConfigError(f"d_model ({d}) must be divisible by n_heads ({heads})")
+    if not 1 <= round(c["train_fraction"] * p * p) < p * p:
+        raise ConfigError(
+            f"train_fraction must leave both splits of the {p * p} pairs non-empty, got {c['train_fraction']}"
+        )
+    weights = (2 * p + 4) * d + 4 * d * d + 2 * d * d_mlp
+    activations = p * p * (3 * (4 * d + d_mlp + heads * 3) + p)  # one full-batch forward over every pair
+    within_budget("modular_addition", weights + activations, "the weights and a full batch's activations")
+    return c
+
+
 register(
     "modular_addition",
     Recipe(
@@ -151,6 +180,7 @@ register(
         score=_score,
         figures=lambda run: {"Fourier view of the embedding": fourier_figure(run)},
         dashboard_options=lambda run: {"decode": _decode},
+        check=_check,
     ),
 )
 
@@ -167,12 +197,6 @@ def modular_addition(
     seed: int = 0,
 ) -> Run:
     """A one-layer TransformerBridge on ``(a + b) mod p`` (untrained; p = 113 groks after about 7k steps)."""
-    if p < 3:
-        raise ConfigError(f"p must be at least 3, got {p}")
-    if not 0 < train_fraction < 1:
-        raise ConfigError(f"train_fraction must be in (0, 1), got {train_fraction}")
-    if d_model % n_heads:
-        raise ConfigError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
     return Run(
         {
             "kind": "modular_addition",

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from .run import Built, Recipe, Run, register
+from .run import SEED, STEPS, Built, Recipe, Run, checked_config, count, rate, register, within_budget
 
 if TYPE_CHECKING:
     from ..baselines import Probe, Units
@@ -66,7 +66,33 @@ def _score(run: Run, units: Units) -> dict[str, Any]:
     return direction_scores(run.ground_truth, units.directions)
 
 
-register("teacher_student", Recipe(_build, _optimizer, _loss, _evaluate, readout=0, probe=_probe, score=_score))
+_OPTIONS = {
+    "d": count(2),
+    "k": count(2),
+    "hidden": count(),
+    "n_train": count(),
+    "n_test": count(),
+    "steps": STEPS,
+    "lr": rate(),
+    "seed": SEED,
+}
+
+
+def _check(config: dict) -> dict:
+    """The config with every option checked; k even and at most d; the data and weights within budget."""
+    c = checked_config("teacher_student", config, _OPTIONS)
+    d, k = c["d"], c["k"]
+    if k % 2 or k > d:
+        raise ConfigError(f"k must be even and between 2 and d = {d} (the target pairs coordinates), got {k}")
+    n = c["n_train"] + c["n_test"]
+    within_budget("teacher_student", n * (d + 1 + c["hidden"]) + (d + 2) * c["hidden"], "the data and a full batch")
+    return c
+
+
+register(
+    "teacher_student",
+    Recipe(_build, _optimizer, _loss, _evaluate, readout=0, probe=_probe, score=_score, check=_check),
+)
 
 
 def teacher_student(
@@ -84,8 +110,6 @@ def teacher_student(
     ``run.data = (x [n_train, d], y [n_train, 1])``; ``run.ground_truth = Uᵀ [k, d]``; the test split is in
     ``run.extra``.
     """
-    if k < 2 or k % 2 or k > d:
-        raise ConfigError(f"k must be even and between 2 and d = {d} (the target pairs coordinates), got {k}")
     return Run(
         {
             "kind": "teacher_student",

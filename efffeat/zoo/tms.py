@@ -14,9 +14,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
 from ..nn import TransposedLinear
-from .run import Built, Recipe, Run, register
+from .run import SEED, STEPS, Built, Recipe, Run, checked_config, count, rate, register, within_budget
 
 if TYPE_CHECKING:
     from plotly.graph_objects import Figure
@@ -102,6 +101,28 @@ def tms_geometry_figure(run: Run) -> Figure:
     return tms_geometry(run.model.W, run.init_state["encoder.weight"])
 
 
+_OPTIONS = {
+    "n_features": count(),
+    "n_hidden": count(),
+    "sparsity": rate(0.0, 1.0, strict=False, below=True),
+    "importance": rate(0.0, 1.0),
+    "steps": STEPS,
+    "lr": rate(),
+    "weight_decay": rate(strict=False),
+    "batch_size": count(),
+    "n_data": count(),
+    "seed": SEED,
+}
+
+
+def _check(config: dict) -> dict:
+    """The config with every option checked; the weights, data and a batch must fit the zoo's budget."""
+    c = checked_config("tms", config, _OPTIONS)
+    n = c["n_features"]
+    within_budget("tms", n * c["n_hidden"] + n * (c["n_data"] + 2 * c["batch_size"]), "W, the data and a batch")
+    return c
+
+
 register(
     "tms",
     Recipe(
@@ -113,6 +134,7 @@ register(
         probe=_probe,
         score=_score,
         figures=lambda run: {"Geometry of the toy model": tms_geometry_figure(run)},
+        check=_check,
     ),
 )
 
@@ -135,17 +157,13 @@ def tms(
     (5, 2) with importance 0.9; (20, 5) with 0.7; (50, 10) with 0.8. ``n_data`` inputs from the same
     distribution are the analysis data (``run.data [n_data, n_features]``).
     """
-    if not 0 <= sparsity < 1:
-        raise ConfigError(f"sparsity is the probability a feature is 0 and must be in [0, 1), got {sparsity}")
-    if n_hidden < 1 or n_features < 1:
-        raise ConfigError(f"n_features and n_hidden must be positive, got {n_features}, {n_hidden}")
     return Run(
         {
             "kind": "tms",
             "n_features": n_features,
             "n_hidden": n_hidden,
-            "sparsity": float(sparsity),
-            "importance": float(importance),
+            "sparsity": sparsity,
+            "importance": importance,
             "steps": steps,
             "lr": lr,
             "weight_decay": weight_decay,

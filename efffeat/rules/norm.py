@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..factors import DenseFactor, Factor
-from .base import Rule, present, register_rule
+from .base import Rule, position_sum, present, register_rule
 
 
 def affine_terms(delta: Tensor, normalised: Tensor | None, d: int, weight: bool, bias: bool) -> dict[str, Factor]:
@@ -18,9 +18,9 @@ def affine_terms(delta: Tensor, normalised: Tensor | None, d: int, weight: bool,
     out: dict[str, Factor] = {}
     if weight:
         assert normalised is not None
-        out["weight"] = DenseFactor((dd * normalised.reshape(n, 1, -1, d)).sum(dim=2))
+        out["weight"] = DenseFactor(position_sum(dd * normalised.reshape(n, 1, -1, d)))
     if bias:
-        out["bias"] = DenseFactor(dd.sum(dim=2))
+        out["bias"] = DenseFactor(position_sum(dd))
     return out
 
 

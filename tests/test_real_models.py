@@ -93,6 +93,26 @@ def test_conv_variants(second, one_d, order):
     assert fell_back == []
 
 
+@pytest.mark.parametrize("order", ["init", "nlo"])
+def test_conv_with_few_positions_and_wide_channels_keeps_rank_terms(order):
+    torch.manual_seed(1)
+    model = nn.Sequential(
+        nn.Conv2d(2, 6, 3, stride=2, groups=2),  # 5x5 -> 2x2: dense
+        nn.Tanh(),
+        nn.Conv2d(6, 48, 2, groups=3),  # one position, 48 channels: rank terms
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Unflatten(1, (1, 48)),
+        nn.Conv1d(1, 5, 4, stride=4),  # 12 positions of 4 taps: dense
+        nn.Flatten(),
+        nn.Linear(60, 2),
+    )
+    _, feats, fell_back = check(model, torch.randn(4, 2, 5, 5), order)
+    assert fell_back == []
+    assert type(feats.factors["2.weight"]).__name__ == "LowRankFactor"
+    assert type(feats.factors["0.weight"]).__name__ == "DenseFactor"
+
+
 # ---- attention ---------------------------------------------------------------------------------------------------
 class Encoder(nn.Module):
     """nn.TransformerEncoder (batch_first) with a key padding mask read off all-zero positions; pooled readout."""

@@ -225,8 +225,11 @@ def first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0][:300] if text else ''}"
 
 
-def failure_message(e: BaseException, what: str, site: str | None) -> str:
-    """One sentence: what failed, where (module), on which op, and the fix, from PyTorch's exception."""
+def failure_message(e: BaseException, what: str, site: str | None, hint: str | None = None) -> str:
+    """One sentence: what failed, where (module), on which op, and the fix, from PyTorch's exception.
+
+    hint: the fix to give when the failure is none of the known kinds (default: register a rule).
+    """
     text = str(e)
     op_match = _OP.search(text)
     op = op_match.group(0) if op_match else None
@@ -254,7 +257,7 @@ def failure_message(e: BaseException, what: str, site: str | None) -> str:
         fix = "register a rule for the module with @ef.register_rule(ModuleType)"
     else:
         kind = f"PyTorch raised on {op}" if op else "PyTorch raised"
-        fix = "register a rule for the module with @ef.register_rule(ModuleType), or make its forward a plain function"
+        fix = hint or "register a rule for the module with @ef.register_rule(ModuleType), or report the failure"
     where = f" in {site}" if site else ""
     return f"efffeat could not compute {what}{where}: {kind} ({first_line(e)}); {fix}"
 

@@ -178,7 +178,9 @@ class Attend(nn.Module):
             closed = (x[..., :1] * x[..., :1].transpose(1, 2) > 0.5) & ~torch.eye(t, dtype=torch.bool)
             masks["attn_mask"] = closed.repeat_interleave(self.mha.num_heads, 0)
         if "padding" in self.masks:  # the last key of examples whose first entry is positive
-            masks["key_padding_mask"] = (x[:, :1, :1] > 0).reshape(n, 1) & (torch.arange(t) == t - 1)
+            padding = (x[:, :1, :1] > 0).reshape(n, 1) & (torch.arange(t) == t - 1)
+            float_mask = masks.get("attn_mask", padding).is_floating_point()  # both masks of one kind
+            masks["key_padding_mask"] = padding.to(x.dtype).masked_fill(padding, -torch.inf) if float_mask else padding
         out, weights = self.mha(q, kv, kv, **masks, **self.call)
         out = out if self.batch_first else out.transpose(0, 1)
         extra = 0 if weights is None else weights.flatten(1).sum(1, keepdim=True)
@@ -202,6 +204,15 @@ def test_multihead_attention_variants(make, order):
     torch.manual_seed(3)
     _, _, fell_back = check(make(), torch.randn(3, 4, 6), order)
     assert fell_back == []
+
+
+def test_attention_the_rule_does_not_handle_goes_exactly_to_the_fallback():
+    torch.manual_seed(3)
+    model = Attend()
+    model.mha = nn.MultiheadAttention(6, 3, add_bias_kv=True, batch_first=True)
+    dual, _, fell_back = check(model, torch.randn(3, 4, 6), "nlo")
+    assert "mha.bias_k" in dual.fallback_params and "mha.out_proj.weight" in dual.fallback_params
+    assert "mha.out_proj (NonDynamicallyQuantizableLinear): weight, bias (the module is not called" in fell_back[0]
 
 
 def test_group_head_on_multihead_attention():
@@ -513,3 +524,29 @@ def test_no_raw_exception_when_forward_mode_is_missing():
         dual.completeness(x)
     feats = ef.DualModel(model, init, order="path", progress=False).features(x)  # reverse mode only: fine
     assert feats.completeness() < 1e-2
+
+
+class Squeezed(nn.Module):
+    """A model that works on batches but not on one example (``squeeze`` drops the batch axis)."""
+
+    def __init__(self):
+        super().__init__()
+        self.s = nn.Parameter(torch.ones(3))
+        self.out = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = (x * self.s).squeeze()
+        return self.out(h if h.ndim == 2 else h[:, None])
+
+
+def test_a_model_no_route_can_analyse_raises_an_efffeat_error_naming_the_module():
+    model = Squeezed().to(F64)
+    init = perturbed(model, 0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ef.FallbackWarning)
+        with pytest.raises(ef.UnsupportedModelError) as caught:
+            ef.DualModel(model, init, progress=False).features(torch.randn(4, 3, dtype=F64))
+    message = str(caught.value)
+    assert "exact per-example nlo features of <root> (Squeezed): s in out (Linear)" in message
+    assert "mat1 and mat2 shapes cannot be multiplied" in message and "vmap could not run it either" in message
+    assert not isinstance(caught.value.__cause__, ef.EfffeatError)  # PyTorch's error, kept as the cause

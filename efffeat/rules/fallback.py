@@ -38,7 +38,7 @@ from .._autodiff import (
 )
 from .._data import Batch, batch_inputs, batch_len, slice_batch
 from .._swap import ParameterSwap
-from ..errors import ReadoutError, UnsupportedModelError
+from ..errors import EfffeatError, ReadoutError, UnsupportedModelError
 from ..factors import DenseFactor
 from ..readout import Readout
 
@@ -162,7 +162,7 @@ class Fallback(Sequence[str]):
         with autodiff_context(self.model, what=self._what(tangent)):
             try:
                 out = self._loop(params, batch, tangent)
-            except (ReadoutError, MemoryError, Warning):
+            except (MemoryError, Warning):
                 raise
             except Exception as e:
                 raise UnsupportedModelError(self._failure(e, params, batch, tangent)) from e
@@ -317,13 +317,21 @@ class Fallback(Sequence[str]):
     def _failure(
         self, error: Exception, params: dict[str, Tensor], batch: Batch, tangent: dict[str, Tensor] | None
     ) -> str:
-        site = running_module(self.model)
-        if site is None:  # it failed in a backward pass: rerun one example to find the module
-            wrt = self.names if tangent is None else list(params)
-            site = backward_failure_site(
-                self.model, lambda: self._example(params, slice_batch(batch, slice(0, 1)), tangent, wrt)
+        """Why the loop failed: efffeat's own check on one example, or PyTorch's error with module and op."""
+        if isinstance(error, EfffeatError):  # e.g. the readout of one example alone has another shape
+            message = f"efffeat could not compute {self._what(tangent)}, one example at a time: {error}"
+        else:
+            site = running_module(self.model)
+            if site is None:  # it failed in a backward pass: rerun one example to find the module
+                wrt = self.names if tangent is None else list(params)
+                site = backward_failure_site(
+                    self.model, lambda: self._example(params, slice_batch(batch, slice(0, 1)), tangent, wrt)
+                )
+            hint = (
+                "the exact fallback runs the model on one example at a time: make its forward work on a batch of "
+                "one (a .squeeze() drops the batch axis), or register a rule for the module (@ef.register_rule)"
             )
-        message = failure_message(error, self._what(tangent), site)
+            message = failure_message(error, self._what(tangent), site, hint)
         if self.vmap_failure is not None:
             message += f" (torch.func.vmap could not run it either: {self.vmap_failure})"
         return message

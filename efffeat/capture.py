@@ -142,7 +142,6 @@ class BatchCapture:
     factors: dict[str, Factor]  # named_parameters() name -> factor [n, K, ...]
     readout: Tensor  # [n, K] readout values at the evaluation point
     non_batched: set[str]  # parameters whose layer output had no per-example leading axis
-    recorded: set[str] = field(default_factory=set)  # parameters of the layers whose hooks fired
 
 
 @dataclass
@@ -206,6 +205,10 @@ def capture_batch(
             return None
         return t if t.shape[0] == n else t.expand(n, *t.shape[1:])
 
+    def batched(a: Any) -> Any:
+        out = per_example(a)
+        return a if out is None else out
+
     def tapped(t: Tensor) -> _Tapped:
         return _Tapped(get_gradient_edge(t) if t.requires_grad else None, t.shape, t.dtype, t.device)
 
@@ -216,7 +219,7 @@ def capture_batch(
                 non_batched.update(layer.params.values())
                 return None
             if out is not output:  # batch-broadcast: its inputs get the batch axis too
-                args = tuple(a if per_example(a) is None else per_example(a) for a in args)
+                args = tuple(batched(a) for a in args)
             calls.append(_Call(layer, layer.rule.record(module, args), {"": tapped(out)}))
             return None if out is output else out
 
@@ -275,9 +278,8 @@ def capture_batch(
             "it had one on the first batch (examples along another axis, e.g. a sequence-first layout whose "
             "length equalled the batch size?); put the examples first, or pass batches of one size"
         )
-    recorded = {name for call in calls for name in call.layer.params.values()}
     factors = {name: sum_factors(parts) for name, parts in acc.items() if name not in non_batched}
-    return BatchCapture(factors, r_primal, non_batched, recorded)
+    return BatchCapture(factors, r_primal, non_batched)
 
 
 def _cotangents(r: Tensor, calls: list[_Call]) -> list[dict[str, Tensor]]:

@@ -144,8 +144,8 @@ class Fallback(Sequence[str]):
         self, params: dict[str, Tensor], batch: Batch, tangent: dict[str, Tensor] | None = None
     ) -> dict[str, DenseFactor]:
         """``{name: DenseFactor [n, K, numel]}``: per-example features at `params` (``"nlo"`` with tangent Δθ)."""
-        start = time.perf_counter()
         if self.route == "vmap":
+            start = time.perf_counter()
             chunk = self._chunk_size(params, batch, tangent)
             with autodiff_context(self.model, forward_ad=tangent is not None, what=self._what(tangent)):
                 try:
@@ -156,9 +156,11 @@ class Fallback(Sequence[str]):
                     self.route, self.vmap_failure = "loop", first_line(e)
                     forget_running_modules()
                 else:
-                    how = f"by torch.func vmap(jacrev), {chunk} examples per chunk (from the memory budget)"
+                    source = "from the memory budget" if self.chunk is None else "fallback_chunk"
+                    how = f"by torch.func vmap(jacrev), {chunk} examples per chunk ({source})"
                     self._report("vmap", how, time.perf_counter() - start, params, batch)
                     return out
+        start = time.perf_counter()
         with autodiff_context(self.model, what=self._what(tangent)):
             try:
                 out = self._loop(params, batch, tangent)

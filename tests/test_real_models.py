@@ -339,7 +339,7 @@ NORMS = [
 
 
 @pytest.mark.parametrize("make, shape", NORMS, ids=["bn1d", "bn1d-seq", "bn2d", "gn3", "gn1", "rms", "rms2d"])
-@pytest.mark.parametrize("order", ["init", "nlo", "path"])
+@pytest.mark.parametrize("order", ORDERS)
 def test_norm_layers_are_factored(make, shape, order):
     model = norm_net(make(), shape)
     dual, _, fell_back = check(model, torch.randn(5, *shape, 3), order)
@@ -489,6 +489,18 @@ def test_user_backend_settings_survive_every_exit():
         assert (torch.backends.mha.get_fastpath_enabled(), torch.backends.mkldnn.enabled) == before
         assert cuda.math_sdp_enabled() and cuda.flash_sdp_enabled() and not cuda.mem_efficient_sdp_enabled()
         assert "forward" not in model.enc.layers[0].self_attn.__dict__  # the rule's forward is gone again
+        calls = []
+
+        def fails_in_the_capture(out, batch):  # 1: the readout at θ*, 2: the plan's gradient, 3: the capture
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("a readout that fails in the capture pass")
+            return out[:, 0]
+
+        with pytest.raises(ef.ReadoutError, match="fails in the capture"):
+            ef.DualModel(model, init, readout=fails_in_the_capture, order="init", progress=False).features(x)
+        assert len(calls) == 3 and "forward" not in model.enc.layers[0].self_attn.__dict__
+        assert (torch.backends.mha.get_fastpath_enabled(), torch.backends.mkldnn.enabled) == before
     finally:
         cuda.enable_mem_efficient_sdp(True)
 

@@ -10,7 +10,8 @@ forward and backward pass over the same batches, and the kernel against `torch.f
 3. ``nn.GRU`` (8→32, T=20), N=256: the exact per-example loop (vmap cannot run it).
 4. The capture of a 64-512-512-512-1 tanh MLP at N=512.
 
-float32, one torch thread. Times are the best of ``--repeat`` runs; ratios are within one run.
+float32, one torch thread. Times are the process's CPU time (with one thread, robust to other load on the
+machine), the best of ``--repeat`` runs; ratios are within one run.
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ import efffeat as ef
 def _timed(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
     best, out = float("inf"), None
     for _ in range(repeat):
-        start = time.perf_counter()
+        start = time.process_time()
         out = fn()
-        best = min(best, time.perf_counter() - start)
+        best = min(best, time.process_time() - start)
     return best, out
 
 

@@ -212,7 +212,7 @@ def test_ids_are_readable_and_round_trip():
         ids.index("0.weight[5,0]")
 
 
-# ---- the capture: cotangents at the layer outputs themselves ----------------------------------------------------------
+# ---- the capture: cotangents at the layer outputs themselves ------------------------------------------------------
 class Reused(nn.Module):
     """One Linear called twice (tied by reuse), an in-place op on its output, and outputs that are views."""
 

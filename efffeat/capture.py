@@ -1,30 +1,47 @@
 """Hooks that pull factored per-example gradients out of a network.
 
 For every module a rule covers (`efffeat.rules`) a forward hook records what the rule needs from the layer
-input and adds a zero "probe" tensor to the layer output; the gradient of the readout with respect to that
-probe is the output cotangent δ of every example at once. The rule turns (record, δ) into factors — an outer
-product for dense layers.
+input and keeps the place of the layer output in the autograd graph (its gradient edge). One backward pass per
+readout component, ``torch.autograd.grad(readout, edges)``, gives the output cotangent δ of every example at
+once; no probe tensors are built, and no parameter gradient is computed. The rule turns (record, δ) into
+factors — an outer product for dense layers.
+
+- The edge is taken when the layer returns, so an in-place op on the output later (``ReLU(inplace=True)``)
+  does not change which value δ belongs to; a layer called twice (tied weights) gives two calls.
+- The parameters of the hooked layers are graph leaves for the pass, so every hooked output is in the graph.
+- An output with a batch axis of 1 where the batch has n examples (a position embedding of ``[1, T]`` ids) is
+  expanded to n, with the layer's inputs, so that every example gets its own cotangent.
+- A rule with its own `Rule.forward` replaces its module's forward for the pass and marks the tensors it
+  needs cotangents of (``nn.MultiheadAttention``: q, k, v and the output).
 
 Forward-mode tangents: when the parameters are dual tensors (``torch.autograd.forward_ad``) with tangent Δθ,
 the same pass yields the tangents ȧ and δ̇ along Δθ (forward-over-reverse), which is what the ``"nlo"``
 effective features ``φ + ½ ψΔθ`` need — the Hessian ψ is never formed.
+
+Every pass runs under `efffeat._autodiff.autodiff_context` (attention fast paths off, composite layer norm in
+forward mode; raw failures become errors that name the module).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
+from ._autodiff import autodiff_context
 from ._data import Batch, batch_len, call_model
 from ._swap import ParameterSwap
+from .errors import UnsupportedModelError
 from .factors import Factor, sum_factors
 from .readout import Readout
 from .rules import Rule, rule_for
+from .rules.base import has_own_forward
 
 
 @dataclass
@@ -36,16 +53,32 @@ class HookedLayer:
     rule: Rule
     params: dict[str, str]  # rule attribute -> named_parameters() name
 
+    @property
+    def label(self) -> str:
+        return f"{self.path or '<root>'} ({type(self.module).__name__})"
+
+
+def _inside(path: str, parent: str) -> bool:
+    return path != parent and (parent == "" or path.startswith(parent + "."))
+
 
 def hooked_layers(model: nn.Module, exclude: set[str]) -> list[HookedLayer]:
-    """Every module whose rule claims at least one parameter not in `exclude`."""
+    """Every module whose rule claims at least one parameter not in `exclude`.
+
+    Submodules of a module whose rule has its own forward are covered by that rule, not hooked.
+    """
     name_of = {id(p): n for n, p in model.named_parameters()}
     layers = []
+    covered: list[str] = []
     for path, module in model.named_modules():
+        if any(_inside(path, c) for c in covered):
+            continue
         rule = rule_for(module)
         if rule is None:
             continue
         params = {a: name_of[id(p)] for a, p in rule.claims(module).items() if id(p) in name_of}
+        if params and has_own_forward(rule):
+            covered.append(path)
         params = {a: n for a, n in params.items() if n not in exclude}
         if params:
             layers.append(HookedLayer(path, module, rule, params))
@@ -80,9 +113,8 @@ def support(model: nn.Module) -> Support:
     """The rules' coverage of every parameter of `model` (see `Support`)."""
     out = Support()
     for layer in hooked_layers(model, exclude=set()):
-        where = f"{layer.path or '<root>'} ({type(layer.module).__name__})"
         for name in layer.params.values():
-            out.factored[name] = f"{where} via {type(layer.rule).__name__}"
+            out.factored[name] = f"{layer.label} via {type(layer.rule).__name__}"
     holders = {}
     for path, module in model.named_modules():
         for p in module._parameters.values():
@@ -94,6 +126,15 @@ def support(model: nn.Module) -> Support:
     return out
 
 
+def check_refusals(model: nn.Module) -> None:
+    """Raise `UnsupportedModelError` for the first module whose rule refuses it (`Rule.refusal`), hooked or not."""
+    for path, module in model.named_modules():
+        rule = rule_for(module)
+        reason = None if rule is None else rule.refusal(module)
+        if reason is not None:
+            raise UnsupportedModelError(f"{path or '<root>'} ({type(module).__name__}) {reason}")
+
+
 @dataclass
 class BatchCapture:
     """What one hooked pass over a batch produced."""
@@ -103,6 +144,40 @@ class BatchCapture:
     non_batched: set[str]  # parameters whose layer output had no per-example leading axis
 
 
+@dataclass
+class _Tapped:
+    """A layer output whose cotangent is wanted: its gradient edge (None: not in the graph) and its shape."""
+
+    edge: GradientEdge | None
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+
+
+@dataclass
+class _Call:
+    """One call of a hooked layer: the rule's record and the tapped outputs (``""``: the module output)."""
+
+    layer: HookedLayer
+    record: Any
+    taps: dict[str, _Tapped]
+
+
+@contextmanager
+def _forward_replaced(module: nn.Module, forward: Callable[..., Any]) -> Iterator[None]:
+    """The module computes with `forward` inside the block; its own forward (or a user's override) after."""
+    missing = object()
+    saved = module.__dict__.get("forward", missing)
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if saved is missing:
+            del module.forward
+        else:
+            module.forward = saved
+
+
 def capture_batch(
     swap: ParameterSwap,
     layers: list[HookedLayer],
@@ -110,54 +185,122 @@ def capture_batch(
     batch: Batch,
     readout: Readout,
     tangent: dict[str, Tensor] | None = None,
+    plan: bool = False,
 ) -> BatchCapture:
     """Factored per-example gradients of the readout for the hooked layers' parameters.
 
     params: every ``named_parameters()`` tensor at the evaluation point θ; tangent: Δθ for the ``"nlo"``
-    features ``φ(θ) + ½ ψ(θ)Δθ`` (None for plain features ``φ(θ)``).
+    features ``φ(θ) + ½ ψ(θ)Δθ`` (None for plain features ``φ(θ)``). plan: the first-batch pass that decides
+    what is factored, where a layer output without a per-example axis is reported in ``non_batched``; on any
+    other pass it is an error.
     """
     n = batch_len(batch)
-    records: list[tuple[HookedLayer, Any, Tensor]] = []
+    calls: list[_Call] = []
     non_batched: set[str] = set()
+    check_refusals(swap.model)
 
-    def make_hook(layer: HookedLayer) -> Callable:
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor | None:
-            if not isinstance(output, Tensor) or output.ndim == 0 or output.shape[0] != n:
+    def per_example(t: Any) -> Tensor | None:
+        """`t` with a leading axis of n (a batch-1 tensor expanded), or None if it has none."""
+        if not isinstance(t, Tensor) or t.ndim == 0 or t.shape[0] not in (1, n):
+            return None
+        return t if t.shape[0] == n else t.expand(n, *t.shape[1:])
+
+    def batched(a: Any) -> Any:
+        out = per_example(a)
+        return a if out is None else out
+
+    def tapped(t: Tensor) -> _Tapped:
+        return _Tapped(get_gradient_edge(t) if t.requires_grad else None, t.shape, t.dtype, t.device)
+
+    def hook_of(layer: HookedLayer) -> Callable:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Tensor | None:
+            out = per_example(output)
+            if out is None:
                 non_batched.update(layer.params.values())
                 return None
-            probe = torch.zeros(output.shape, dtype=output.dtype, device=output.device, requires_grad=True)
-            records.append((layer, layer.rule.record(module, args), probe))
-            return output + probe
+            if out is not output:  # batch-broadcast: its inputs get the batch axis too
+                args = tuple(batched(a) for a in args)
+            calls.append(_Call(layer, layer.rule.record(module, args), {"": tapped(out)}))
+            return None if out is output else out
 
         return hook
 
-    handles = [layer.module.register_forward_hook(make_hook(layer)) for layer in layers]
-    try:
-        with fwAD.dual_level():
-            if tangent is not None:
-                params = {k: fwAD.make_dual(p, tangent[k]) for k, p in params.items()}
-            output = call_model(swap, params, batch)
-            r = readout(output, batch)  # [n, K]
-            probes = [p for _, _, p in records]
-            k_out = r.shape[1]
-            deltas: list[list[Tensor]] = [[] for _ in probes]
-            if probes and r.requires_grad:
-                for k in range(k_out):
-                    grads = torch.autograd.grad(r[:, k].sum(), probes, retain_graph=k + 1 < k_out, allow_unused=True)
-                    for i, g in enumerate(grads):
-                        deltas[i].append(torch.zeros_like(probes[i]) if g is None else g)
+    def forward_of(layer: HookedLayer) -> Callable:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            taps: dict[str, _Tapped] = {}
+
+            def tap(name: str, t: Tensor) -> Tensor:
+                out = per_example(t)
+                if out is None:
+                    non_batched.update(layer.params.values())
+                    return t
+                taps[name] = tapped(out)
+                return out
+
+            output, record = layer.rule.forward(layer.module, args, kwargs, tap)
+            if taps:
+                calls.append(_Call(layer, record, taps))
+            return output
+
+        return forward
+
+    wants_grad = {name for layer in layers for name in layer.params.values()}
+    with ExitStack() as stack:
+        for layer in layers:
+            if has_own_forward(layer.rule):
+                stack.enter_context(_forward_replaced(layer.module, forward_of(layer)))
             else:
-                for i, p in enumerate(probes):
-                    deltas[i] = [torch.zeros_like(p)] * k_out
-            acc: dict[str, list[Factor]] = {}
-            for (layer, rec, _), ds in zip(records, deltas):
-                delta = torch.stack(ds, dim=1)  # [n, K, *out_shape[1:]]
-                for attr, term in layer.rule.terms(layer.module, rec, delta).items():
-                    if attr in layer.params:
-                        acc.setdefault(layer.params[attr], []).append(term.with_tangents())
-            r_primal = fwAD.unpack_dual(r).primal.detach()
-    finally:
-        for h in handles:
-            h.remove()
+                stack.callback(layer.module.register_forward_hook(hook_of(layer)).remove)
+        what = "the nlo features (forward-over-reverse)" if tangent is not None else "the factored features"
+        stack.enter_context(autodiff_context(swap.model, forward_ad=tangent is not None, what=what))
+        stack.enter_context(torch.enable_grad())
+        stack.enter_context(fwAD.dual_level())
+        point = {}
+        for name, p in params.items():
+            p = p.detach()
+            if name in wants_grad:
+                p = p.requires_grad_()
+            point[name] = p if tangent is None else fwAD.make_dual(p, tangent[name])
+        output = call_model(swap, point, batch)
+        r = readout(output, batch)  # [n, K]
+        deltas = _cotangents(r, calls)
+        acc: dict[str, list[Factor]] = {}
+        for call, ds in zip(calls, deltas):
+            delta = ds[""] if "" in call.taps else ds
+            for attr, term in call.layer.rule.terms(call.layer.module, call.record, delta).items():
+                if attr in call.layer.params:
+                    acc.setdefault(call.layer.params[attr], []).append(term.with_tangents())
+        r_primal = fwAD.unpack_dual(r).primal.detach()
+    if non_batched and not plan:
+        layers_of = [layer.label for layer in layers if set(layer.params.values()) & non_batched]
+        raise UnsupportedModelError(
+            f"the output of {', '.join(layers_of)} has no leading axis of the {n} examples of this batch, although "
+            "it had one on the first batch (examples along another axis, e.g. a sequence-first layout whose "
+            "length equalled the batch size?); put the examples first, or pass batches of one size"
+        )
     factors = {name: sum_factors(parts) for name, parts in acc.items() if name not in non_batched}
     return BatchCapture(factors, r_primal, non_batched)
+
+
+def _cotangents(r: Tensor, calls: list[_Call]) -> list[dict[str, Tensor]]:
+    """``[{tap: δ [n, K, *shape[1:]]}]`` per call: the gradients of each readout component at the tapped outputs."""
+    k_out = r.shape[1]
+    taps = [t for call in calls for t in call.taps.values()]
+    in_graph = [i for i, t in enumerate(taps) if t.edge is not None]
+    per_k: list[list[Tensor | None]] = [[None] * k_out for _ in taps]
+    if in_graph and r.requires_grad:
+        for k in range(k_out):
+            grads = torch.autograd.grad(
+                r[:, k].sum(), [taps[i].edge for i in in_graph], retain_graph=k + 1 < k_out, allow_unused=True
+            )
+            for i, g in zip(in_graph, grads):
+                per_k[i][k] = g
+    flat = []
+    for t, gs in zip(taps, per_k):
+        gs = [torch.zeros(t.shape, dtype=t.dtype, device=t.device) if g is None else g for g in gs]
+        flat.append(gs[0].unsqueeze(1) if k_out == 1 else torch.stack(gs, dim=1))
+    out, i = [], 0
+    for call in calls:
+        out.append({name: flat[i + j] for j, name in enumerate(call.taps)})
+        i += len(call.taps)
+    return out

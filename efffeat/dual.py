@@ -32,6 +32,7 @@ from torch.func import jvp
 from tqdm.auto import tqdm
 
 from . import _memory
+from ._autodiff import autodiff_context
 from ._check import one_of
 from ._data import (
     _leaves,
@@ -44,7 +45,7 @@ from ._data import (
     slice_batch,
 )
 from ._swap import Forward, ParameterSwap
-from .capture import Support, capture_batch, hooked_layers, support
+from .capture import Support, capture_batch, check_refusals, hooked_layers, support
 from .errors import (
     ConfigError,
     DataError,
@@ -57,9 +58,10 @@ from .errors import (
 )
 from .factors import DenseFactor, Factor, compact, sum_factors
 from .features import ORDERS, EffectiveFeatures
+from .groups import n_heads_of
 from .ids import FeatureIds, ParamSlot
 from .readout import Readout, ReadoutSpec
-from .rules import describe, fallback_factors, warn_fallback
+from .rules import Fallback, batch_gradient, describe, describe_reasons
 
 AUTO = "auto"
 FAIL_MODES = ("fallback", "error")
@@ -141,7 +143,8 @@ class DualModel:
         dtype: compute in this dtype (e.g. ``torch.float64`` for validation) on a copy of the model. A model
             below float32 gets a `PrecisionWarning` (and `precision_note`).
         progress: tqdm progress bars over batches.
-        fallback_chunk: examples per ``torch.func`` Jacobian chunk for parameters without a factored rule.
+        fallback_chunk: examples per ``torch.func`` Jacobian chunk for parameters without a factored rule
+            (None: as many as a share of the available memory holds).
         fail_mode: ``"fallback"`` computes parameters no rule covers by exact per-example Jacobians (with a
             `FallbackWarning` naming the modules); ``"error"`` refuses them with `UnsupportedModelError`.
             `DualModel.supported(model)` lists, before any run, which parameters are factored.
@@ -187,7 +190,7 @@ class DualModel:
         nodes: int = 4,
         dtype: torch.dtype | None = None,
         progress: bool = True,
-        fallback_chunk: int = 32,
+        fallback_chunk: int | None = None,
         fail_mode: str = "fallback",
         forward: Forward | None = None,
     ):
@@ -509,7 +512,7 @@ class DualModel:
         meta = {
             "nodes": nodes,
             "readout": self.readout.name,
-            "n_heads": getattr(getattr(self.model, "cfg", None), "n_heads", None),
+            "n_heads": n_heads_of(self.model),
             "readouts": [p for p in ("init", "trained") if p in z],
             "precision_note": self.precision_note,
         }
@@ -544,64 +547,56 @@ class DualModel:
         return {name: compact(sum_factors(fs)) for name, fs in acc.items()}, first
 
     def _fallback(self, names: list[str], params, batch, tangent) -> dict[str, DenseFactor]:
-        try:
-            return fallback_factors(self.swap, names, params, batch, self.readout, tangent, self.fallback_chunk)
-        except EfffeatError:
-            raise
-        except Exception as e:
-            raise UnsupportedModelError(
-                f"no factored rule covers {', '.join(names)} and the torch.func fallback failed on them "
-                f"({type(e).__name__}: {e}); register a rule for the module with @ef.register_rule(ModuleType), "
-                "or make its forward functional (no in-place parameter updates, no .item())"
-            ) from e
+        assert self._plan is not None and list(self._plan[1]) == list(names), "the plan's fallback (_ensure_plan)"
+        return self._plan[1].factors(params, batch, tangent)
 
     def _ensure_plan(self, batch: Any) -> tuple[list, list[str]]:
         """Decide, on the first batch, which parameters the hooks cover exactly and which fall back.
 
         A parameter is factored when a rule claims it and the factored per-example gradients, summed over a
-        few examples, equal autograd's gradient; anything else (no rule, a use outside the hooked layer)
-        falls back to ``torch.func`` with a warning naming the module.
+        few examples, equal autograd's gradient; anything else (no rule, a use outside the hooked layer, a
+        module its parent never calls) goes to the exact per-example `Fallback`, which names the modules.
         """
         if self._plan is not None:
             return self._plan
+        check_refusals(self.model)
         probe = slice_batch(batch, slice(0, 8))
         all_layers = hooked_layers(self.model, exclude=set())
-        cap = capture_batch(self.swap, all_layers, self.theta_trained, probe, self.readout)
-        leaves = {n: p.detach().clone().requires_grad_(True) for n, p in self.theta_trained.items()}
-        r = self.readout(self.call(leaves, probe), probe)
-        if not r.requires_grad:
-            raise ReadoutError(
-                "the readout does not depend differentiably on the parameters (did it use .detach(), "
-                ".item(), argmax or integer ops?); return a differentiable float tensor [N] or [N, K]"
-            )
-        grads = torch.autograd.grad(r[:, 0].sum(), list(leaves.values()), allow_unused=True)
-        grads = tuple(None if g is None else g.detach() for g in grads)
-        true = {n: (torch.zeros_like(leaves[n]) if g is None else g) for n, g in zip(leaves, grads)}
-        c = torch.zeros_like(r.detach())
-        c[:, 0] = 1
+        # distinct per-example weights: a layer that takes another axis for the examples' does not sum up right
+        weights = torch.rand(batch_len(probe), generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 0.5
+        true, r = batch_gradient(self.swap, self.readout, self.theta_trained, probe, weights)
+        cap = capture_batch(self.swap, all_layers, self.theta_trained, probe, self.readout, plan=True)
+        c = torch.zeros_like(r)
+        c[:, 0] = weights.to(device=r.device, dtype=r.dtype)
         rtol = 1e-9 if self.dtype == torch.float64 else 2e-4
         total = math.sqrt(sum(float(g.square().sum()) for g in true.values()))
-        mismatched = []
+        mismatched = set()
         for name, f in cap.factors.items():
             got, want = f.rmatvec(c).detach(), true[name].reshape(-1)
             if float((got - want).norm()) > rtol * (float(want.norm()) + float(got.norm()) + total) + 1e-30:
-                mismatched.append(name)
-        unclaimed = [n for n in self.theta_trained if n not in cap.factors and n not in mismatched]
-        if self.fail_mode == "error" and (unclaimed or mismatched):
-            parts = []
-            if unclaimed:
-                parts.append(f"no factored rule covers {describe(self.model, unclaimed)}")
-            if mismatched:
-                parts.append(f"parameters used outside the layer that holds them: {describe(self.model, mismatched)}")
+                mismatched.add(name)
+        claimed = {name for layer in all_layers for name in layer.params.values()}
+        reasons = {}
+        for name in self.theta_trained:
+            if name in mismatched:
+                reasons[name] = (
+                    "its factored gradient differs from autograd's: the parameter is also used outside the layer "
+                    "that holds it, or the module's forward is not the one its rule knows"
+                )
+            elif name in cap.factors:
+                continue
+            elif name not in claimed:
+                reasons[name] = "no factored rule for the module type"
+            elif name in cap.non_batched:
+                reasons[name] = "the layer's output has no per-example leading axis"
+            else:
+                reasons[name] = "the module is not called as a module (its parent uses the parameter itself)"
+        if self.fail_mode == "error" and reasons:
             raise UnsupportedModelError(
-                f"{'; '.join(parts)} (fail_mode='error'); register a rule with @ef.register_rule(ModuleType), "
-                "or pass fail_mode='fallback' for exact per-example Jacobians"
+                f"{describe_reasons(self.model, reasons)} (fail_mode='error'); register a rule with "
+                "@ef.register_rule(ModuleType), or pass fail_mode='fallback' for exact per-example Jacobians"
             )
-        if unclaimed:
-            warn_fallback(self.model, unclaimed, "no factored rule")
-        if mismatched:
-            warn_fallback(self.model, mismatched, "parameter also used outside the layer that holds it")
-        fallback = [n for n in self.theta_trained if n in set(unclaimed) | set(mismatched)]
+        fallback = Fallback(self.swap, self.readout, reasons, self.fallback_chunk)
         self._plan = (hooked_layers(self.model, exclude=set(fallback)), fallback)
         return self._plan
 
@@ -628,7 +623,8 @@ class DualModel:
 
     def _directional(self, batch: Any, direction: dict[str, Tensor], order: str, nodes: int) -> Tensor:
         def f(p: dict[str, Tensor]) -> Tensor:
-            return self.readout(self.call(p, batch), batch)
+            with autodiff_context(self.model, forward_ad=True, what=f"the {order} dual model by forward mode"):
+                return self.readout(self.call(p, batch), batch)
 
         def along_w(p: dict[str, Tensor]) -> Tensor:
             return jvp(f, (p,), (direction,))[1]

@@ -8,7 +8,11 @@
 ``"input"``        a weight column ``"0.weight[:,5]"``
 ``"module"``       a whole parameter tensor ``"0.weight"``
 ``"head"``         an attention head ``"blocks.0.attn.head[2]"``: rows ``h·d_head:(h+1)·d_head`` of the
-                   q/k/v weights and biases and the same columns of the o weight (TransformerLens bridges)
+                   q/k/v weights and biases and the same columns of the output projection's weight, for
+                   TransformerLens bridges (``<attn>.q/k/v/o``), ``nn.MultiheadAttention`` (the three E-row
+                   blocks of ``in_proj_weight``/``in_proj_bias``, or ``q/k/v_proj_weight``, and
+                   ``out_proj.weight``) and Hugging Face BERT-style attention (``<attn>.self.query/key/value``,
+                   ``<attn>.output.dense``)
 a list of ids      each feature or group id one group, e.g. ``["0.weight[3,:]", "blocks.0.attn.head[1]"]``
 a mapping          ``{group name: [feature or group ids]}`` (groups may overlap)
 a predicate        ``fn(tensor name) -> bool`` over state_dict names, as TransformerLens's ``names_filter``:
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,8 +41,20 @@ GroupSpec = str | Sequence[str] | Mapping[str, Sequence[str]] | Callable[[str], 
 
 
 def n_heads_of(model: nn.Module) -> int | None:
-    """Attention heads per layer of a TransformerLens model (``model.cfg.n_heads``), else None."""
-    return getattr(getattr(model, "cfg", None), "n_heads", None)
+    """Attention heads per layer, from the model: TransformerLens ``cfg.n_heads``, ``nn.MultiheadAttention``
+    ``num_heads``, Hugging Face ``config.num_attention_heads`` (on any submodule). None when the model names no
+    number, or several different ones."""
+    found = set()
+    for module in model.modules():
+        if isinstance(module, nn.MultiheadAttention):
+            found.add(module.num_heads)
+        for value in (
+            getattr(getattr(module, "cfg", None), "n_heads", None),
+            getattr(getattr(module, "config", None), "num_attention_heads", None),
+        ):
+            if isinstance(value, int) and not isinstance(value, bool):
+                found.add(value)
+    return found.pop() if len(found) == 1 else None
 
 
 def check(group: Any) -> None:
@@ -147,47 +164,81 @@ def _grid(slot: ParamSlot) -> Tensor:
     return torch.arange(slot.numel).reshape(slot.shape)
 
 
+@dataclass(frozen=True)
+class _AttentionLayout:
+    """How one family names an attention layer's tensors (suffixes after the layer's path).
+
+    marker: a tensor every such layer has; out: the output projection, whose columns ``h·d … (h+1)·d`` are
+    head h's; rows: ``(tensor, blocks)``: head h owns rows ``b·R + h·d … b·R + (h+1)·d`` of each of the tensor's
+    ``blocks`` blocks of R rows (q, k and v packed in one tensor are 3 blocks).
+    """
+
+    marker: str
+    out: str
+    rows: tuple[tuple[str, int], ...]
+
+
+_LAYOUTS = (
+    _AttentionLayout(".q.weight", ".o.weight", tuple((f".{p}.{w}", 1) for w in ("weight", "bias") for p in "qkv")),
+    _AttentionLayout(".in_proj_weight", ".out_proj.weight", ((".in_proj_weight", 3), (".in_proj_bias", 3))),
+    _AttentionLayout(
+        ".q_proj_weight",
+        ".out_proj.weight",
+        ((".q_proj_weight", 1), (".k_proj_weight", 1), (".v_proj_weight", 1), (".in_proj_bias", 3)),
+    ),
+    _AttentionLayout(
+        ".self.query.weight",
+        ".output.dense.weight",
+        tuple((f".self.{p}.{w}", 1) for w in ("weight", "bias") for p in ("query", "key", "value")),
+    ),
+)
+
+
 def _heads(ids: FeatureIds, n_heads: int | None, prefix: str | None = None) -> tuple[list[str], Tensor, Tensor]:
-    """Attention heads of TransformerLens bridges (``<attn>.q/k/v/o.weight``), one group per head."""
+    """Attention heads of every attention layer of a known layout (module table), one group per head."""
     by_state = {s.state_name: s for s in ids.slots}
-    attns = [s.state_name[: -len(".q.weight")] for s in ids.slots if s.state_name.endswith(".q.weight")]
-    attns = [a for a in attns if f"{a}.o.weight" in by_state and (prefix is None or a == prefix)]
+    attns: list[tuple[str, _AttentionLayout]] = []
+    for slot in ids.slots:
+        for layout in _LAYOUTS:
+            attn = slot.state_name[: -len(layout.marker)]
+            if slot.state_name.endswith(layout.marker) and attn and f"{attn}{layout.out}" in by_state:
+                if prefix is None or attn == prefix:
+                    attns.append((attn, layout))
     if not attns:
         where = f"under {prefix!r}" if prefix is not None else "in this model"
         raise ConfigError(
-            f"group='head' needs attention layers with q/k/v/o projections (TransformerLens bridges: "
-            f"'blocks.0.attn.q.weight'), and there are none {where}; use group='module' or a mapping"
+            f"group='head' needs attention layers with q/k/v/o projections (TransformerLens "
+            f"'blocks.0.attn.q.weight', nn.MultiheadAttention 'attn.in_proj_weight', Hugging Face "
+            f"'attention.self.query.weight'), and there are none {where}; use group='module' or a mapping"
         )
     if not isinstance(n_heads, int) or isinstance(n_heads, bool) or n_heads < 1:
         raise ConfigError(
-            f"group='head' needs the number of attention heads: pass n_heads=model.cfg.n_heads (got {n_heads!r})"
+            "group='head' needs the number of attention heads and the model does not name one number: pass "
+            f"n_heads= (got {n_heads!r})"
         )
     names: list[str] = []
     pos: list[Tensor] = []
     gid: list[Tensor] = []
-    for attn in attns:
-        q = by_state[f"{attn}.q.weight"]
-        if q.shape[0] % n_heads:
-            raise ConfigError(f"{attn}.q.weight has {q.shape[0]} rows, not a multiple of n_heads={n_heads}")
-        d_head = q.shape[0] // n_heads
+    for attn, layout in attns:
+        out = by_state[f"{attn}{layout.out}"]
+        if len(out.shape) != 2 or out.shape[1] % n_heads:
+            raise ConfigError(f"{out.state_name} has {out.shape[-1]} columns, not a multiple of n_heads={n_heads}")
+        d_head = out.shape[1] // n_heads
+        row_slots = [(by_state[f"{attn}{t}"], blocks) for t, blocks in layout.rows if f"{attn}{t}" in by_state]
+        for slot, blocks in row_slots:
+            if slot.shape[0] != blocks * out.shape[1]:
+                raise ConfigError(
+                    f"{slot.state_name} has {slot.shape[0]} rows but the output projection takes "
+                    f"{out.shape[1]} per block: grouped-query attention shares k/v between heads; rank it with "
+                    "a mapping {name: [ids]}"
+                )
         for h in range(n_heads):
-            rows = slice(h * d_head, (h + 1) * d_head)
             parts = []
-            for proj in "qkv":
-                w = by_state.get(f"{attn}.{proj}.weight")
-                if w is None:
-                    continue
-                if w.shape[0] != q.shape[0]:
-                    raise ConfigError(
-                        f"{attn}.{proj}.weight has {w.shape[0]} rows but q has {q.shape[0]}: grouped-query "
-                        "attention shares k/v between heads; rank it with a mapping {name: [ids]}"
-                    )
-                parts.append(_grid(w)[rows].reshape(-1) + w.offset)
-                b = by_state.get(f"{attn}.{proj}.bias")
-                if b is not None:
-                    parts.append(torch.arange(b.numel)[rows] + b.offset)
-            o = by_state[f"{attn}.o.weight"]
-            parts.append(_grid(o)[:, rows].reshape(-1) + o.offset)
+            for slot, blocks in row_slots:
+                for b in range(blocks):
+                    rows = slice(b * out.shape[1] + h * d_head, b * out.shape[1] + (h + 1) * d_head)
+                    parts.append(_grid(slot)[rows].reshape(-1) + slot.offset)
+            parts.append(_grid(out)[:, h * d_head : (h + 1) * d_head].reshape(-1) + out.offset)
             p = torch.cat(parts)
             names.append(f"{attn}.head[{h}]")
             pos.append(p)

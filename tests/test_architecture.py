@@ -22,6 +22,7 @@ LAYERS: dict[str, int] = {
     "efffeat._memory": 1,
     "efffeat._savable": 1,
     "efffeat._atomic": 1,
+    "efffeat._autodiff": 1,
     "efffeat.nn": 1,
     "efffeat._swap": 1,
     "efffeat._data": 1,

@@ -210,3 +210,65 @@ def test_ids_are_readable_and_round_trip():
         ids.index("0.weigth[1,1]")
     with pytest.raises(ef.FeatureIdError, match="out of range"):
         ids.index("0.weight[5,0]")
+
+
+# ---- the capture: cotangents at the layer outputs themselves ------------------------------------------------------
+class Reused(nn.Module):
+    """One Linear called twice (tied by reuse), an in-place op on its output, and outputs that are views."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.seq = nn.Linear(4, 6)
+        self.out = nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(x))
+        h = self.lin(h)  # second call of the same module
+        h[:, :2].mul_(2.0)  # in place, through a view, after the layer returned
+        s = self.seq(h[:, None, :].expand(-1, 3, -1))  # [N, 3, 6], a view of a matmul over the expanded input
+        s = nn.functional.relu(s, inplace=True)
+        return self.out(s.mean(1))
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_capture_with_reuse_in_place_ops_and_views(order):
+    torch.manual_seed(9)
+    model = Reused()
+    init = perturbed(model, 0.2)
+    dual, _, _ = check(model, init, torch.randn(5, 4), "output", lambda out: out, order, 1e-10)
+    assert dual.fallback_params == []
+
+
+def test_capture_inside_no_grad_and_inference_of_the_user():
+    torch.manual_seed(10)
+    model = mlp(3, (4,), 2, nn.Tanh).to(F64)
+    init = perturbed(model, 0.2)
+    x = torch.randn(5, 3, dtype=F64)
+    expected = ef.DualModel(model, init, order="nlo", progress=False).features(x).dense()
+    with torch.no_grad():
+        got = ef.DualModel(model, init, order="nlo", progress=False).features(x).dense()
+    assert torch.equal(got, expected)
+
+
+class SequenceFirst(nn.Module):
+    """A Linear over a sequence-first layout [T, N, d]: its output's leading axis is not the examples'."""
+
+    def __init__(self):
+        super().__init__()
+        self.seq = nn.Linear(4, 6)
+        self.out = nn.Linear(6, 2)
+
+    def forward(self, x):  # x [N, 4]
+        s = torch.tanh(self.seq(x[None].expand(3, -1, -1) * torch.arange(1.0, 4.0)[:, None, None]))
+        return self.out(s.mean(0))
+
+
+def test_a_layer_whose_leading_axis_is_not_the_examples_falls_back_even_when_sizes_coincide():
+    torch.manual_seed(11)
+    model = SequenceFirst()
+    init = perturbed(model, 0.2)
+    # batches of 3 examples, as long as the sequence: only distinct per-example weights in the first-batch check
+    # tell the sequence axis from the examples
+    dual, _, _ = check(model, init, torch.randn(5, 4), "output", lambda out: out, "nlo", 1e-10, expect_fallback=True)
+    assert dual.fallback_params == ["seq.weight", "seq.bias"]

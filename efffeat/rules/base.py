@@ -21,6 +21,15 @@ Register a rule for your own module type (the pattern of Opacus's ``register_gra
 
 A parameter that a rule claims but that is also used outside the module is caught on the first batch (the
 factored gradient sum is compared with autograd's) and computed by the exact per-example fallback instead.
+
+**Rules with their own forward.** Some modules apply their parameters inside a functional, where a forward
+hook sees neither the projections nor their inputs (``nn.MultiheadAttention`` slices ``in_proj_weight`` inside
+``F.multi_head_attention_forward``, and never calls ``out_proj`` as a module). Such a rule overrides
+`Rule.forward`: during the capture pass it replaces the module's forward (and is removed again on every exit
+path), computes the same output from the module's own parameter tensors, and marks with ``tap(name, tensor)``
+the intermediate tensors whose cotangents `Rule.terms` needs. The module's submodules are not hooked: the rule
+covers their parameters too. To decline an input it does not handle, the rule returns the module's own output
+and taps nothing; the module's parameters then go to the fallback.
 """
 
 from __future__ import annotations
@@ -47,9 +56,35 @@ class Rule:
         """What `terms` needs from the module's positional inputs (called in the forward pass)."""
         return args[0]
 
-    def terms(self, module: nn.Module, rec: Any, delta: Tensor) -> dict[str, Factor]:
-        """``{attribute: factor [n, K, ...]}`` from the record and the output cotangent ``delta [n, K, *out[1:]]``."""
+    def terms(self, module: nn.Module, rec: Any, delta: Any) -> dict[str, Factor]:
+        """``{attribute: factor [n, K, ...]}`` from the record and the output cotangent ``delta [n, K, *out[1:]]``.
+
+        For a rule with its own `forward`, delta is ``{tap name: [n, K, *tapped.shape[1:]]}``.
+        """
         raise NotImplementedError
+
+    def forward(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], tap: Callable[[str, Tensor], Tensor]
+    ) -> tuple[Any, Any]:
+        """Optional: ``(output, record)`` of the module computed by the rule itself during the capture pass.
+
+        ``tap(name, tensor)`` marks a tensor ``[n, ...]`` whose cotangent `terms` receives as ``delta[name]``,
+        and returns the tensor to use downstream. Rules without a forward of their own are served by a forward
+        hook (`record` on the inputs, the cotangent of the output).
+        """
+        raise NotImplementedError
+
+    def refusal(self, module: nn.Module) -> str | None:
+        """Why the module has no per-example features at all (e.g. it mixes the examples of a batch), or None.
+
+        Capture raises `efffeat.UnsupportedModelError` naming the module with this reason.
+        """
+        return None
+
+
+def has_own_forward(rule: Rule) -> bool:
+    """Whether the rule computes its module's output itself during capture (`Rule.forward`)."""
+    return type(rule).forward is not Rule.forward
 
 
 def present(module: nn.Module, *attrs: str) -> dict[str, Tensor]:
@@ -60,6 +95,11 @@ def present(module: nn.Module, *attrs: str) -> dict[str, Tensor]:
 def rank_terms(t: Tensor, n: int, k: int, d: int) -> Tensor:
     """``[n, k, R, d]``: every leading position of a ``[n, (k,) ..., d]`` tensor becomes a rank term."""
     return t.reshape(n, k, -1, d)
+
+
+def position_sum(t: Tensor, dim: int = 2) -> Tensor:
+    """The sum over positions (a rank axis); a view, not a copy, when there is one position."""
+    return t.squeeze(dim) if t.shape[dim] == 1 else t.sum(dim)
 
 
 _BY_TYPE: dict[type, tuple[Rule, bool]] = {}

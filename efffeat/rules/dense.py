@@ -1,7 +1,9 @@
-"""Layers linear in a weight matrix: ``nn.Linear`` and `efffeat.nn.TransposedLinear` (a tied transposed weight).
+"""Layers linear in a weight matrix: ``nn.Linear`` (and its subclasses) and `efffeat.nn.TransposedLinear` (a tied
+transposed weight).
 
 Per example ``∂z/∂W = Σ_t δ_t a_tᵀ`` over every leading position t of the input (sequence positions, image
-rows...), ``∂z/∂b = Σ_t δ_t``.
+rows...), ``∂z/∂b = Σ_t δ_t``. A Linear subclass whose forward computes something else is caught by the first-batch
+check against autograd and computed by the fallback.
 """
 
 from __future__ import annotations
@@ -10,10 +12,10 @@ from torch import Tensor, nn
 
 from ..factors import DenseFactor, Factor, LowRankFactor
 from ..nn import TransposedLinear
-from .base import Rule, present, rank_terms, register_rule
+from .base import Rule, position_sum, present, rank_terms, register_rule
 
 
-@register_rule(nn.Linear)
+@register_rule(nn.Linear, subclasses=True)
 class LinearRule(Rule):
     def claims(self, module: nn.Module) -> dict[str, Tensor]:
         return present(module, "weight", "bias")
@@ -23,7 +25,7 @@ class LinearRule(Rule):
         u = rank_terms(delta, n, k, delta.shape[-1])
         out: dict[str, Factor] = {"weight": LowRankFactor(u, rank_terms(rec, n, 1, rec.shape[-1]))}
         if module.bias is not None:
-            out["bias"] = DenseFactor(u.sum(dim=2))
+            out["bias"] = DenseFactor(position_sum(u))
         return out
 
 
@@ -41,5 +43,5 @@ class TransposedLinearRule(Rule):
         v = rank_terms(delta, n, k, delta.shape[-1])
         out: dict[str, Factor] = {"source.weight": LowRankFactor(rank_terms(rec, n, 1, rec.shape[-1]), v)}
         if module.bias is not None:
-            out["bias"] = DenseFactor(v.sum(dim=2))
+            out["bias"] = DenseFactor(position_sum(v))
         return out

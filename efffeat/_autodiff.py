@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from .errors import EfffeatError, UnsupportedModelError
+from .errors import DataError, EfffeatError, UnsupportedModelError
 
 # Module types whose CPU kernels (mkldnn) lack a forward-mode derivative.
 _MKLDNN_WITHOUT_FORWARD_AD = (nn.LSTM,)
@@ -217,12 +217,42 @@ def autodiff_context(model: nn.Module, forward_ad: bool = False, what: str = "th
         except (EfffeatError, MemoryError, Warning):
             raise
         except Exception as e:
-            raise UnsupportedModelError(failure_message(e, what, running_module(model))) from e
+            raise failure_error(e, what, running_module(model)) from e
 
 
 def first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:300] if text else ''}"
+
+
+class ModelRaised(DataError):
+    """The model's own code raised while efffeat ran it (no known limit of PyTorch's autodiff): the model
+    rejected its input. `efffeat.DualModel` rewords it with the batch it was running on."""
+
+
+def failure_error(e: BaseException, what: str, site: str | None) -> EfffeatError:
+    """`failure_message` as an error: `UnsupportedModelError` for the known limits of PyTorch's autodiff (no
+    derivative, no forward mode, no vmap batching rule, Functions without backward or setup_context), else
+    `ModelRaised`."""
+    message = failure_message(e, what, site)
+    return ModelRaised(message) if _kind(e) is None else UnsupportedModelError(message)
+
+
+def _kind(e: BaseException) -> str | None:
+    """Which known limit of PyTorch's autodiff an exception reports (None: none of them)."""
+    text = str(e)
+    lower = text.lower()
+    if "setup_context" in text:
+        return "setup_context"
+    if "forward ad" in lower or "forward-mode" in lower or "forward mode" in lower:
+        return "forward"
+    if "must implement either the backward" in text:
+        return "backward"
+    if "derivative for" in text and "not implemented" in text:
+        return "derivative"
+    if "vmap" in text or "Batching rule" in text:
+        return "vmap"
+    return None
 
 
 def failure_message(e: BaseException, what: str, site: str | None, hint: str | None = None) -> str:
@@ -233,26 +263,26 @@ def failure_message(e: BaseException, what: str, site: str | None, hint: str | N
     text = str(e)
     op_match = _OP.search(text)
     op = op_match.group(0) if op_match else None
-    lower = text.lower()
-    if "setup_context" in text:
+    known = _kind(e)
+    if known == "setup_context":
         kind = "a custom autograd.Function cannot run under torch.func transforms (it has no setup_context)"
         fix = (
             "give it a setup_context staticmethod (and a jvp for forward mode); meanwhile order='path' and "
             "EffectiveFeatures.completeness() need reverse mode only"
         )
-    elif "forward ad" in lower or "forward-mode" in lower or "forward mode" in lower:
+    elif known == "forward":
         kind = f"the op {op or '(unnamed)'} has no forward-mode derivative in PyTorch {torch.__version__}"
         fix = (
             "order='nlo' and DualModel.completeness/predict/directional need forward mode: use order='path' "
             "(reverse mode only) and EffectiveFeatures.completeness(), or replace the op"
         )
-    elif "must implement either the backward" in text:
+    elif known == "backward":
         kind = "a custom autograd.Function has no backward"
         fix = "the model has no gradient features through it: give the Function a backward, or replace it"
-    elif "derivative for" in text and "not implemented" in text:
+    elif known == "derivative":
         kind = f"the op {op or '(unnamed)'} has no derivative"
         fix = "the model has no gradient features through it: replace the op"
-    elif "vmap" in text or "Batching rule" in text:
+    elif known == "vmap":
         kind = f"torch.func.vmap cannot batch {op or 'the forward'}"
         fix = "register a rule for the module with @ef.register_rule(ModuleType)"
     else:

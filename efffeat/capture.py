@@ -126,15 +126,6 @@ def support(model: nn.Module) -> Support:
     return out
 
 
-def check_refusals(model: nn.Module) -> None:
-    """Raise `UnsupportedModelError` for the first module whose rule refuses it (`Rule.refusal`), hooked or not."""
-    for path, module in model.named_modules():
-        rule = rule_for(module)
-        reason = None if rule is None else rule.refusal(module)
-        if reason is not None:
-            raise UnsupportedModelError(f"{path or '<root>'} ({type(module).__name__}) {reason}")
-
-
 @dataclass
 class BatchCapture:
     """What one hooked pass over a batch produced."""
@@ -197,7 +188,6 @@ def capture_batch(
     n = batch_len(batch)
     calls: list[_Call] = []
     non_batched: set[str] = set()
-    check_refusals(swap.model)
 
     def per_example(t: Any) -> Tensor | None:
         """`t` with a leading axis of n (a batch-1 tensor expanded), or None if it has none."""

@@ -32,7 +32,7 @@ from torch.func import jvp
 from tqdm.auto import tqdm
 
 from . import _memory
-from ._autodiff import autodiff_context
+from ._autodiff import ModelRaised, autodiff_context
 from ._check import one_of
 from ._data import (
     _leaves,
@@ -45,7 +45,7 @@ from ._data import (
     slice_batch,
 )
 from ._swap import Forward, ParameterSwap
-from .capture import Support, capture_batch, check_refusals, hooked_layers, support
+from .capture import Support, capture_batch, hooked_layers, support
 from .errors import (
     ConfigError,
     DataError,
@@ -559,7 +559,6 @@ class DualModel:
         """
         if self._plan is not None:
             return self._plan
-        check_refusals(self.model)
         probe = slice_batch(batch, slice(0, 8))
         all_layers = hooked_layers(self.model, exclude=set())
         # distinct per-example weights: a layer that takes another axis for the examples' does not sum up right
@@ -988,6 +987,9 @@ def _on_batch(index: int | None, offset: int, batch: Any) -> Iterator[None]:
         if index is None or "(batch " in str(e):
             raise
         raise ReadoutError(f"{e} (batch {index}, {_examples(offset, batch)})") from e
+    except ModelRaised as e:
+        cause = e.__cause__ if isinstance(e.__cause__, Exception) else e
+        raise _model_error(index, offset, batch, cause) from cause
     except EfffeatError:
         raise
     except NotImplementedError as e:

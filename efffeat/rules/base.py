@@ -74,13 +74,6 @@ class Rule:
         """
         raise NotImplementedError
 
-    def refusal(self, module: nn.Module) -> str | None:
-        """Why the module has no per-example features at all (e.g. it mixes the examples of a batch), or None.
-
-        Capture raises `efffeat.UnsupportedModelError` naming the module with this reason.
-        """
-        return None
-
 
 def has_own_forward(rule: Rule) -> bool:
     """Whether the rule computes its module's output itself during capture (`Rule.forward`)."""

@@ -31,6 +31,7 @@ from .. import _memory
 from .._autodiff import (
     autodiff_context,
     backward_failure_site,
+    failure_error,
     failure_message,
     first_line,
     forget_running_modules,
@@ -108,7 +109,7 @@ def batch_gradient(
             raise
         except Exception as e:
             site = running_module(model) or backward_failure_site(model, run)
-            raise UnsupportedModelError(failure_message(e, "the gradient of the readout", site)) from e
+            raise failure_error(e, "the gradient of the readout", site) from e
     return {n: torch.zeros_like(p) if g is None else g.detach() for (n, p), g in zip(leaves.items(), grads)}, r.detach()
 
 

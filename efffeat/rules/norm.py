@@ -112,20 +112,6 @@ class BatchNormRule(Rule):
     def claims(self, module: nn.Module) -> dict[str, Tensor]:
         return present(module, "weight", "bias")
 
-    def refusal(self, module: nn.Module) -> str | None:
-        if not module.track_running_stats or module.running_mean is None:
-            return (
-                "has track_running_stats=False: it normalises with the statistics of the batch even in eval mode, "
-                "so an example's output depends on the other examples and has no per-example features; rebuild "
-                "it with track_running_stats=True (trained running statistics), or use GroupNorm/LayerNorm"
-            )
-        if module.training:
-            return (
-                "is in training mode: it normalises with the statistics of the batch, which mixes the examples; "
-                "call model.eval() so that it uses its running statistics"
-            )
-        return None
-
     def record(self, module: nn.Module, args: tuple[Any, ...]) -> Tensor:
         x = args[0]
         shape = (1, -1) + (1,) * (x.ndim - 2)

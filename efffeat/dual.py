@@ -369,7 +369,8 @@ class DualModel:
         A non-finite readout is a `NonFiniteError`; the model's own errors are worded by `_on_batch`.
         """
         out = {}
-        with torch.no_grad():
+        # under the same backends as the capture (the MHA fast path, say, zeroes padded positions)
+        with torch.no_grad(), autodiff_context(self.model, what="the readouts"):
             for point in at:
                 at_init = point == "init"
                 params, buffers = (self.theta_init, self.buffers_init) if at_init else (self.theta_trained, None)
@@ -707,7 +708,8 @@ class DualModel:
 
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(0)).to(self.device)
         halves = [slice_batch(slice_batch(probe, perm), s) for s in (slice(0, n // 2), slice(n // 2, n))]
-        with torch.no_grad(), _kept_state(self.model, self.swap) as written, _forked_rng(self.device):
+        probing = autodiff_context(self.model, what="the determinism check")
+        with torch.no_grad(), probing, _kept_state(self.model, self.swap) as written, _forked_rng(self.device):
             with _output_shapes(self.model) as shapes:
                 first = _finite_readout(run(probe), "trained", 0)
             second = run(probe)
@@ -754,7 +756,8 @@ class DualModel:
             return calls
 
         h = n // 2
-        with torch.no_grad(), _kept_state(self.model, self.swap), _forked_rng(self.device):
+        probing = autodiff_context(self.model, what="the determinism check")
+        with torch.no_grad(), probing, _kept_state(self.model, self.swap), _forked_rng(self.device):
             base = record(probe)
             if perm is None:
                 others, parts = [record(probe)], [slice(0, n)]

@@ -562,3 +562,26 @@ def test_a_model_no_route_can_analyse_raises_an_efffeat_error_naming_the_module(
     assert "exact per-example nlo features of <root> (Squeezed): s in out (Linear)" in message
     assert "mat1 and mat2 shapes cannot be multiplied" in message and "vmap could not run it either" in message
     assert not isinstance(caught.value.__cause__, ef.EfffeatError)  # PyTorch's error, kept as the cause
+
+
+class EncoderAllPositions(nn.Module):
+    """A smooth (GELU) encoder read at every position, padded ones included (where PyTorch's fast path, taken
+    by a plain forward with a padding mask, writes zeros)."""
+
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, activation="gelu", batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 1)  # nested tensors on, as by default
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        pad = x.abs().sum(-1) == 0
+        return self.head(self.enc(x, src_key_padding_mask=pad)).sum(1)
+
+
+def test_readouts_and_features_take_the_same_attention_path():
+    torch.manual_seed(0)
+    model = EncoderAllPositions().eval()
+    init = perturbed(model, 0.02)
+    feats = ef.DualModel(model, init, order="path", nodes=6, progress=False).features(tokens(), need="all")
+    assert feats.completeness() < 1e-4  # z from a fast-path forward would not match the slow-path features

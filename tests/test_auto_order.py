@@ -159,3 +159,13 @@ def test_batches_are_sized_from_the_memory_available(monkeypatch):
     torch.testing.assert_close(
         ef.EffectiveFeatures.concat(tight).kernel(), dual.features(x, batch_size=300).kernel(), rtol=1e-12, atol=1e-13
     )
+
+
+def test_auto_reports_how_slowly_a_kinked_path_converges():
+    model, init, x = stepped(0.6, act=nn.ReLU)
+    dual = ef.DualModel(model, init, progress=False)
+    assert dual.resolve_order(x) == "path" and dual.nodes == 16
+    reason = dual.order_reason
+    assert "still above 0.001 at 16 nodes" in reason and "nodes would reach it" in reason and "(ReLU)" in reason
+    slope = float(reason.split("falls like nodes^")[1].split(",")[0])
+    assert -1.5 < slope < -0.5  # first order: σ′ jumps along the path

@@ -208,8 +208,10 @@ def frequency_power(functions, a, b, p: int) -> Tensor:
 
 
 def fourier_concentration(functions, a, b, p: int, n_frequencies: int = 6) -> Tensor:
-    """``[n]``: the fraction of each function's non-constant power in its `n_frequencies` strongest frequencies."""
-    return frequency_power(functions, a, b, p).topk(n_frequencies, dim=1).values.sum(dim=1)
+    """``[n]``: the fraction of each function's non-constant power in its `n_frequencies` strongest frequencies
+    (all p // 2 of them when there are fewer)."""
+    power = frequency_power(functions, a, b, p)
+    return power.topk(min(n_frequencies, power.shape[1]), dim=1).values.sum(dim=1)
 
 
 def key_frequencies_of(functions, a, b, p: int, n: int | None = None) -> list[int]:

@@ -156,12 +156,11 @@ def _score(run: Run, units: Units) -> dict[str, Any]:
     tokens, p = run.data[0], run.config["p"]
     a, b = tokens[:, 0], tokens[:, 1]
     keys = neuron_key_frequencies(run)
-    power = metrics.frequency_power(units.functions, a, b, p)  # [n, p // 2]
     live = units.functions.double().var(dim=0) > 0
-    power = power[live]
+    power = metrics.frequency_power(units.functions[:, live], a, b, p)  # [n, p // 2]
     found = sorted(int(i) + 1 for i in power.sum(dim=0).topk(len(keys)).indices)
     return {
-        "concentration": float(power.topk(min(6, p // 2), dim=1).values.sum(dim=1).median()),
+        "concentration": float(metrics.fourier_concentration(units.functions[:, live], a, b, p).median()),
         "key_power": float(power[:, [k - 1 for k in keys]].sum(dim=1).median()),
         "jaccard": metrics.jaccard(found, keys),
         "key_freqs": " ".join(str(k) for k in keys),

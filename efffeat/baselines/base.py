@@ -150,7 +150,8 @@ class Context:
         truth: ``[n_true, d]`` ground-truth directions, or None; labels: ``[N]`` class labels, or None.
         run: the zoo run when the model is one, else None.
         order, nodes: the effective-feature order (and path nodes) of `features`.
-        used: the completeness residual of every feature set a method read at `order` (`compare` resets it).
+        used: ``(order, completeness residual)`` of every feature set a method read at `order` (`compare` resets
+            it); the order is the one the features were computed at.
     """
 
     model: nn.Module
@@ -166,7 +167,7 @@ class Context:
     order: str = "path"
     nodes: int = 4
     progress: bool = False
-    used: list[float] = field(default_factory=list)
+    used: list[tuple[str, float]] = field(default_factory=list)
     _cache: dict = field(default_factory=dict, repr=False)
 
     def dual(self, label: bool = False) -> DualModel:
@@ -192,7 +193,6 @@ class Context:
 
         label: with the true-class-logit readout (LABEL-USING methods only; needs ``labels``).
         """
-        order = order or self.order
         key = ("features", order, label)
         if key not in self._cache:
             data = self.data
@@ -203,8 +203,8 @@ class Context:
             feats = self.dual(label).features(data, order=order)
             self._cache[key] = (feats, feats.completeness())
         feats, residual = self._cache[key]
-        if order == self.order:
-            self.used.append(residual)
+        if order is None:  # the comparison's own order, as the dual model resolved it
+            self.used.append((feats.order, residual))
         return feats
 
 
@@ -418,7 +418,7 @@ def _directions_only(context: Context) -> str | None:
 
 
 def _needs_change(context: Context) -> str | None:
-    return "the kernel change against init is zero at order 'init'" if context.order == "init" else None
+    return "the kernel change against init is zero at order 'init'" if context.dual().order == "init" else None
 
 
 def _needs_labels(context: Context) -> str | None:

@@ -175,18 +175,19 @@ def compare(
         if units.fvu is not None:
             row["fvu"] = units.fvu
         if context.used:
-            row["order"] = order
-            row["completeness"] = max(context.used)
+            row["order"] = context.used[0][0]
+            row["completeness"] = max(residual for _, residual in context.used)
         row["seconds"] = time.perf_counter() - start
         if method.note is not None:
             row["note"] = method.note
         rows.append(row)
-    residuals = [r["completeness"] for r in rows if "completeness" in r]
-    if residuals:
+    read = [r for r in rows if "completeness" in r]
+    if read:
         from ..spectra.change import warn_if_incomplete
 
-        meta["completeness"] = max(residuals)
-        warn_if_incomplete(meta["completeness"], order, "compare's effective units")
+        worst = max(read, key=lambda r: r["completeness"])
+        meta["order"], meta["completeness"] = worst["order"], worst["completeness"]
+        warn_if_incomplete(worst["completeness"], worst["order"], "compare's effective units")
     return ComparisonTable(rows, meta)
 
 
@@ -257,10 +258,8 @@ def _in_dtype_of(model: Any, data: Any) -> Any:
 
 def _context(source, data, probe, truth, labels, order, nodes, progress) -> tuple[Context, Any]:
     """The `Context` every method reads, and the function that scores one method's `Units`."""
-    from ..dual import ORDERS, DualModel
+    from ..dual import DualModel
 
-    if order not in ORDERS:
-        raise ConfigError(f"unknown order {order!r}; choose one of {', '.join(repr(o) for o in ORDERS)}")
     if isinstance(source, DualModel):
         if data is None:
             raise ConfigError("pass the data the model is compared on: compare(dual, data, probe=..., labels=...)")
@@ -326,6 +325,7 @@ def _context(source, data, probe, truth, labels, order, nodes, progress) -> tupl
             f"labels must be [N] = [{acts.n_examples}] (one per example of the data), got {tuple(labels.shape)}"
         )
     context = Context(model, init, data, probe, readout, acts, weight, truth, labels, run, order, nodes, progress)
+    context.dual()  # the dual model checks the order and nodes before any method runs
     if run is not None:
         return context, lambda units: run.recipe.score(run, units)
     if truth is not None:

@@ -397,16 +397,12 @@ def _feature_pair(
     if isinstance(source, DualModel):
         if data is None:
             raise ConfigError("pass the data: kernel_change(dual, data, ...)")
-        order = order if order is not None else source.order
-        one_of("order", order, ORDERS)
-        fa = source.features(data, batch_size, order=order)
         if isinstance(against, str):
             one_of("against", against, ORDERS)
-            if against == order:
-                raise ConfigError(f"order and against are both {order!r}: their kernel change is zero")
-            fb = source.features(data, batch_size, order=against)
-        else:
-            fb = against
+            if against == (order or source.order):
+                raise ConfigError(f"order and against are both {against!r}: their kernel change is zero")
+        fa = source.features(data, batch_size, order=order)  # the dual model checks (and resolves) the order
+        fb = source.features(data, batch_size, order=against) if isinstance(against, str) else against
     elif isinstance(source, EffectiveFeatures):
         if data is not None:
             raise ConfigError("features already hold their data: call kernel_change(features, against=other_features)")

@@ -1,4 +1,5 @@
-"""Scores for learned units against ground truth: alignment, purity, selectivity, sparsity, reconstruction.
+"""Scores for learned units against ground truth: alignment, subspaces, purity, selectivity, Fourier structure,
+sparsity, reconstruction.
 
 Every function takes tensors or arrays and returns plain numbers or ``[n_units]`` tensors (float64).
 Conventions: directions are rows (``[n, d]``); activations are ``[N, n_units]`` (examples × units).

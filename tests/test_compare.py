@@ -255,3 +255,18 @@ def test_reproduce_baselines_quick(capsys):
         module.main(["--quick", "--only", "tms-pentagon"])
     out = capsys.readouterr().out
     assert "TMS (5, 2), S = 0.975" in out and "completeness" in out
+
+
+def test_compare_a_transformer_bridge_whose_parameter_names_are_not_its_state_names():
+    from _models import bridge, perturbed
+
+    model = bridge(normalization=None)
+    init = perturbed(model, 0.05)
+    tokens = torch.randint(0, 11, (24, 3), generator=torch.Generator().manual_seed(0))
+    labels = tokens[:, 0] % 3
+    dual = ef.DualModel(model, init, readout=0, progress=False)
+    mlp_out = "blocks.0._original_component.mlp._original_component.fc_out"
+    probe = Probe(mlp_out, "blocks.0.mlp.in.weight", at="input", n_units=3)
+    table = ef.compare(dual, tokens, probe=probe, labels=labels, methods=["effective", "kernel-change", "neurons"])
+    assert [r["units"] for r in table.rows] == [3, 3, 3]
+    assert "not applicable" in ef.compare(dual, tokens, probe=probe, labels=labels, methods=["agop"])["agop"]["note"]

@@ -272,12 +272,8 @@ def _context(source, data, probe, truth, labels, order, nodes, progress) -> tupl
             raise ConfigError("give exactly one ground truth: truth=[n_true, d] directions or labels=[N] class labels")
         scored = "directions" if truth is not None else "functions"
         probe = dataclasses.replace(probe, scored=scored)
-        model, init, readout, run = (
-            source.model,
-            source.theta_init,
-            source.readout.spec if probe.readout is None else probe.readout,
-            None,
-        )
+        init = {source.state_names[name]: value for name, value in source.theta_init.items()}  # state_dict keys
+        model, readout, run = source.model, source.readout.spec if probe.readout is None else probe.readout, None
         truth = None if truth is None else torch.as_tensor(truth).detach().to(torch.float64)
         labels = None if labels is None else torch.as_tensor(labels).detach().long()
     elif hasattr(source, "recipe") and hasattr(source, "init_state"):

@@ -40,7 +40,7 @@ from .ranking import Criterion, FeatureTable, rank, register_criterion
 from .readout import Readout
 from .rules import FallbackWarning, Rule, register_rule
 from .search import TopK, max_activating, synthesize
-from .spectra import Spectrum, eigenfeatures
+from .spectra import KernelChange, Spectrum, eigenfeatures, kernel_change, weight_change
 
 if TYPE_CHECKING:
     from . import baselines, distributed, metrics, theory, viz, zoo
@@ -90,6 +90,7 @@ __all__ = [
     "FeatureIds",
     "FeatureTable",
     "InitStateError",
+    "KernelChange",
     "LowRankFactor",
     "MemoryBudgetError",
     "NonFiniteError",
@@ -111,6 +112,7 @@ __all__ = [
     "groups",
     "ids",
     "io",
+    "kernel_change",
     "load",
     "max_activating",
     "metrics",
@@ -124,5 +126,6 @@ __all__ = [
     "synthesize",
     "theory",
     "viz",
+    "weight_change",
     "zoo",
 ]

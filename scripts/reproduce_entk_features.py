@@ -344,6 +344,24 @@ def train_transformer(s: TransformerSettings, progress: bool) -> tuple[nn.Module
     return model, init, tokens, a, b, log
 
 
+def cached_transformer(
+    s: TransformerSettings, cache: str | None, progress: bool
+) -> tuple[nn.Module, dict, Tensor, Tensor, Tensor, list]:
+    """`train_transformer`, or the run saved under `cache` (a folder; reused when the same settings are there)."""
+    path = None if cache is None else Path(cache) / f"transformer_p{s.p}_e{s.epochs}_s{s.seed}.pt"
+    if path is not None and path.exists():
+        saved = torch.load(path)
+        model, log = build_transformer(s), saved["log"]
+        model.load_state_dict(saved["trained"])
+        return model, saved["init"], saved["tokens"], saved["a"], saved["b"], log
+    model, init, tokens, a, b, log = train_transformer(s, progress)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        trained = model.state_dict()
+        torch.save({"trained": trained, "init": init, "tokens": tokens, "a": a, "b": b, "log": log}, path)
+    return model, init, tokens, a, b, log
+
+
 def key_frequencies(w_e: Tensor, p: int) -> list[int]:
     """Frequencies 1 … p//2 that dominate the FFT of the embedding rows of the p number tokens."""
     power = torch.fft.fft(w_e[:p].double(), dim=0).abs().square().sum(1)  # [p]
@@ -389,18 +407,7 @@ def exp_transformer(
     if seed is not None:
         s = replace(s, seed=seed)
     t0 = time.perf_counter()
-    path = None if cache is None else Path(cache) / f"transformer_p{s.p}_e{s.epochs}_s{s.seed}.pt"
-    if path is not None and path.exists():
-        saved = torch.load(path)
-        model, log = build_transformer(s), saved["log"]
-        model.load_state_dict(saved["trained"])
-        init, tokens, a, b = saved["init"], saved["tokens"], saved["a"], saved["b"]
-    else:
-        model, init, tokens, a, b, log = train_transformer(s, progress)
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            trained = model.state_dict()
-            torch.save({"trained": trained, "init": init, "tokens": tokens, "a": a, "b": b, "log": log}, path)
+    model, init, tokens, a, b, log = cached_transformer(s, cache, progress)
     train_seconds = time.perf_counter() - t0
     keys = key_frequencies(model.state_dict()["embed.weight"], s.p)
     nf = 2 * len(keys)

@@ -162,3 +162,85 @@ def test_label_and_sparsity_metrics():
     assert metrics.fvu(x, x) == 0 and metrics.fvu(x, x.mean(0).expand_as(x)) == pytest.approx(1.0)
     with pytest.raises(DataError):
         metrics.top_k_purity(acts, labels, k=7)
+
+
+def test_subspace_metrics_do_not_depend_on_the_basis():
+    g = torch.Generator().manual_seed(1)
+    basis = torch.linalg.qr(torch.randn(10, 2, generator=g, dtype=torch.float64))[0].T  # [2, 10]
+    rotation = torch.tensor([[0.6, 0.8], [-0.8, 0.6]], dtype=torch.float64)
+    assert metrics.subspace_share(3 * rotation @ basis, basis) == pytest.approx(1.0)
+    assert metrics.principal_angles(rotation @ basis, basis).tolist() == pytest.approx([0.0, 0.0], abs=1e-5)
+    # one direction in the plane, one orthogonal to it: half the plane, angles 0° and 90°
+    outside = torch.linalg.qr(torch.cat([basis.T, torch.randn(10, 1, generator=g, dtype=torch.float64)], 1))[0][:, 2]
+    mixed = torch.stack([basis[0], outside])
+    assert metrics.subspace_share(mixed, basis) == pytest.approx(0.5)
+    assert metrics.principal_angles(mixed, basis).tolist() == pytest.approx([0.0, 90.0], abs=1e-5)
+    # the recall of a larger span, and the chance level n/d of a random one
+    assert metrics.subspace_share(torch.cat([mixed, basis[1:]]), basis) == pytest.approx(1.0)
+    random = [metrics.subspace_share(torch.randn(4, 10, generator=g), basis) for _ in range(400)]
+    assert sum(random) / len(random) == pytest.approx(0.4, abs=0.03)
+    with pytest.raises(DataError, match="different spaces"):
+        metrics.subspace_share(torch.eye(3), basis)
+
+
+def test_signed_functions_count_as_their_two_ends():
+    labels = torch.tensor([0] * 20 + [1] * 20 + [2] * 20)
+    steps = torch.arange(20, dtype=torch.float64)
+    contrast = torch.cat([2 * steps + 2, -(2 * steps + 1), torch.zeros(20)])[:, None]  # class 0 against class 1
+    ends = metrics.signed_ends(contrast)
+    assert ends.shape == (60, 2) and torch.equal(ends[:, 1], (-contrast[:, 0]).clamp_min(0))
+    from efffeat.baselines import label_scores
+
+    scores = label_scores(contrast, labels)
+    assert scores["purity@20 ±"] == pytest.approx(1.0)  # each end is one class
+    assert scores["purity@20"] == pytest.approx(0.5)  # |f| merges the two classes
+    positive = torch.rand(60, 3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(metrics.signed_ends(positive), positive.double())  # one end: kept as it is
+    assert metrics.signed_ends(torch.randn(60, 5)).shape == (60, 6)  # ⌈5/2⌉ functions, two ends each
+
+
+def test_fourier_power_of_functions_on_pairs():
+    p = 13
+    a, b = torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij")
+    a, b = a.reshape(-1), b.reshape(-1)
+    w = 2 * math.pi / p
+    g = torch.Generator().manual_seed(0)
+    functions = torch.stack(
+        [
+            torch.cos(3 * w * (a + b)),
+            torch.sin(5 * w * a) * torch.cos(5 * w * b) + 0.5 * torch.cos(2 * w * b),
+            torch.randn(p * p, generator=g, dtype=torch.float64),
+        ],
+        dim=1,
+    )
+    power = metrics.frequency_power(functions, a, b, p)
+    assert power.shape == (3, p // 2) and power[:2].sum(1).tolist() == pytest.approx([1.0, 1.0])
+    assert power[2].sum() < 0.5  # modes mixing two frequencies belong to none
+    assert power[0, 2] == pytest.approx(1.0) and power[1, [1, 4]].sum() == pytest.approx(1.0)
+    conc = metrics.fourier_concentration(functions, a, b, p, n_frequencies=2)
+    assert conc[:2].tolist() == pytest.approx([1.0, 1.0]) and conc[2] < 0.6
+    noise = 1e-3 * torch.randn(p * p, 6, generator=g, dtype=torch.float64)
+    neurons = torch.stack([torch.cos(3 * w * a + k) + 0.3 * torch.cos(5 * w * b) for k in range(6)], dim=1) + noise
+    assert metrics.key_frequencies_of(neurons, a, b, p) == [3, 5]  # the frequencies above the noise floor
+    assert metrics.key_frequencies_of(neurons, a, b, p, n=1) == [3]
+    assert metrics.jaccard([2, 5], [5, 17]) == pytest.approx(1 / 3) and metrics.jaccard([], []) == 1.0
+    with pytest.raises(DataError, match="exactly once"):
+        metrics.frequency_power(functions, a, torch.zeros_like(b), p)
+
+
+def test_polynomial_r2():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(300, 2, generator=g, dtype=torch.float64)
+    y = z[:, 0] * z[:, 1] ** 2 - z[:, 0] + 0.3
+    assert metrics.polynomial_r2(y, z, 3) == pytest.approx(1.0)
+    assert metrics.polynomial_r2(y, z, 2) < 0.9
+    assert metrics.polynomial_r2(torch.randn(300, generator=g), z, 3) < 0.15
+
+
+def test_dictionary_options_are_the_estimators_own():
+    from efffeat.baselines.dictionary import estimator_options
+
+    assert {"l1", "steps", "lr"} <= set(estimator_options("sae")) and "n_latents" not in estimator_options("sae")
+    assert "whiten" in estimator_options("ica") and "random_state" not in estimator_options("pca")
+    with pytest.raises(ConfigError, match="unknown dictionary method"):
+        estimator_options("kmeans")

@@ -46,6 +46,19 @@ class Dictionary:
         return torch.as_tensor(rec, dtype=torch.float32)
 
 
+def estimator_options(method: str) -> list[str]:
+    """The keyword arguments `dictionary` passes on to `method`'s estimator (its own settings)."""
+    import inspect
+
+    from sklearn.decomposition import NMF, PCA, FastICA, MiniBatchDictionaryLearning
+
+    if method not in METHODS:
+        raise ConfigError(f"unknown dictionary method {method!r}; choose one of {', '.join(METHODS)}")
+    estimator = {"sae": SparseAutoencoder, "minibatch-dl": MiniBatchDictionaryLearning, "ica": FastICA, "pca": PCA}
+    params = inspect.signature(estimator.get(method, NMF).__init__).parameters
+    return sorted(set(params) - {"self", "n_components", "n_latents", "random_state"})
+
+
 def dictionary(X, method: str, n_components: int, random_state: int = 0, **kwargs: Any) -> Dictionary:
     """Fit a dictionary to ``X [n_samples, d]``.
 

@@ -1,4 +1,5 @@
-"""Scores for learned units against ground truth: alignment, purity, selectivity, sparsity, reconstruction.
+"""Scores for learned units against ground truth: alignment, subspaces, purity, selectivity, Fourier structure,
+sparsity, reconstruction.
 
 Every function takes tensors or arrays and returns plain numbers or ``[n_units]`` tensors (float64).
 Conventions: directions are rows (``[n, d]``); activations are ``[N, n_units]`` (examples × units).
@@ -128,3 +129,124 @@ def fvu(x, x_hat) -> float:
         raise DataError(f"reconstruction shape {tuple(x_hat.shape)} differs from the data's {tuple(x.shape)}")
     total = (x - x.mean(dim=0)).square().sum()
     return float((x - x_hat).square().sum() / total.clamp_min(1e-30))
+
+
+def _orthonormal_rows(x, what: str) -> Tensor:
+    """``[d, r]`` an orthonormal basis of the row span of ``x [n, d]``."""
+    x = _t(x)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise DataError(f"{what} must be a non-empty [n, d] matrix of row directions, got shape {tuple(x.shape)}")
+    q, _ = torch.linalg.qr(x.T)
+    return q
+
+
+def principal_angles(learned, basis) -> Tensor:
+    """``[min(n, k)]`` the principal angles (degrees, ascending) between ``span(learned [n, d])`` and
+    ``span(basis [k, d])``."""
+    ql, qb = _orthonormal_rows(learned, "learned"), _orthonormal_rows(basis, "basis")
+    if ql.shape[0] != qb.shape[0]:
+        raise DataError(f"directions live in different spaces: {ql.shape[0]} vs {qb.shape[0]} dimensions")
+    cos = torch.linalg.svdvals(qb.T @ ql).clamp(-1, 1)
+    return torch.rad2deg(torch.arccos(cos))
+
+
+def subspace_share(learned, basis) -> float:
+    """``‖Q_Bᵀ Q_L‖²_F / k``: the share of ``span(basis [k, d])`` that ``span(learned [n, d])`` covers.
+
+    The mean squared cosine of the k principal angles (with n ≥ k): 1 when the learned span contains the basis,
+    ``n / d`` on average for a random n-dimensional span. With n = k it is symmetric in the two spans.
+    """
+    ql, qb = _orthonormal_rows(learned, "learned"), _orthonormal_rows(basis, "basis")
+    if ql.shape[0] != qb.shape[0]:
+        raise DataError(f"directions live in different spaces: {ql.shape[0]} vs {qb.shape[0]} dimensions")
+    return float((qb.T @ ql).square().sum() / qb.shape[1])
+
+
+def signed_ends(functions) -> Tensor:
+    """``[N, 2m]``: the first ``m = ⌈n/2⌉`` of ``functions [N, n]`` as two units each, their positive end ``f⁺``
+    and their negative end ``(−f)⁺``; non-negative functions are returned as they are (they have one end).
+
+    The same unit budget for signed and non-negative methods: a signed function (an eigenfunction, a PCA or ICA
+    code) is a contrast between the examples at its two ends, which ``|f|`` would merge.
+    """
+    f = _activations(functions)
+    if not bool((f < 0).any()):
+        return f
+    half = f[:, : (f.shape[1] + 1) // 2]
+    return torch.cat([half.clamp_min(0), (-half).clamp_min(0)], dim=1)
+
+
+def _grid(functions, a, b, p: int) -> Tensor:
+    """``[p, p, n]``: functions ``[p², n]`` over all pairs (a, b) placed at their pair."""
+    f = _activations(functions)
+    a, b = torch.as_tensor(a).long(), torch.as_tensor(b).long()
+    if f.shape[0] != p * p or a.shape != (p * p,) or b.shape != (p * p,):
+        raise DataError(f"Fourier scores need functions over all {p * p} pairs (a, b) of Z_{p}, got {f.shape[0]} rows")
+    grid = torch.full((p, p, f.shape[1]), float("nan"), dtype=f.dtype)
+    grid[a, b] = f
+    if bool(torch.isnan(grid).any()):
+        raise DataError(f"the pairs (a, b) do not cover Z_{p} × Z_{p} exactly once")
+    return grid
+
+
+def frequency_power(functions, a, b, p: int) -> Tensor:
+    """``[n, p // 2]``: the fraction of each function's non-constant power on each frequency 1 … p // 2.
+
+    The power of f(a, b) is ``|DFT₂(f − mean)|²`` over Z_p²; frequency k owns the modes (k₁, k₂) with
+    ``{|k₁|, |k₂|} ⊆ {0, k}`` (cos and sin of ka, kb, k(a + b), k(a − b)). functions: ``[p², n]``, row r at
+    the pair ``(a[r], b[r])``.
+    """
+    grid = _grid(functions, a, b, p)
+    grid = grid - grid.mean(dim=(0, 1), keepdim=True)
+    power = torch.fft.fft2(grid, dim=(0, 1)).abs().square()  # [p, p, n]
+    k = torch.arange(p)
+    fold = torch.minimum(k, p - k)
+    k1, k2 = fold[:, None], fold[None, :]
+    per = torch.stack(
+        [power[((k1 == w) | (k1 == 0)) & ((k2 == w) | (k2 == 0))].sum(dim=0) for w in range(1, p // 2 + 1)], dim=1
+    )  # [n, p // 2]
+    return per / power.sum(dim=(0, 1))[:, None].clamp_min(1e-300)
+
+
+def fourier_concentration(functions, a, b, p: int, n_frequencies: int = 6) -> Tensor:
+    """``[n]``: the fraction of each function's non-constant power in its `n_frequencies` strongest frequencies
+    (all p // 2 of them when there are fewer)."""
+    power = frequency_power(functions, a, b, p)
+    return power.topk(min(n_frequencies, power.shape[1]), dim=1).values.sum(dim=1)
+
+
+def key_frequencies_of(functions, a, b, p: int, n: int | None = None) -> list[int]:
+    """The key frequencies of a set of functions over Z_p² (e.g. MLP neurons): their normalised per-frequency
+    power summed over the functions with variance, cut at the largest drop among the strongest half (or the top
+    `n`), ascending."""
+    f = _activations(functions)
+    live = f.var(dim=0) > 1e-8 * float(f.var(dim=0).max())
+    summed = frequency_power(f[:, live], a, b, p).sum(dim=0)
+    values, order = summed.sort(descending=True)
+    if n is None:
+        half = max(2, len(values) // 2 + 1)
+        n = int((values[: half - 1] / values[1:half].clamp_min(1e-300)).argmax()) + 1
+    return sorted(int(i) + 1 for i in order[:n])
+
+
+def jaccard(a, b) -> float:
+    """``|A ∩ B| / |A ∪ B|`` of two collections (1 for two empty ones)."""
+    a, b = set(a), set(b)
+    return len(a & b) / len(a | b) if a | b else 1.0
+
+
+def polynomial_r2(y, z, degree: int = 3) -> float:
+    """R² of the least-squares fit of ``y [N]`` on every monomial of ``z [N, m]`` up to `degree` (with a constant):
+    how much of a function is a polynomial of the coordinates z."""
+    from itertools import combinations_with_replacement
+
+    y, z = _t(y).reshape(-1), _t(z)
+    if z.ndim != 2 or z.shape[0] != y.shape[0]:
+        raise DataError(f"z must be [N, m] with N = {y.shape[0]} rows, got shape {tuple(z.shape)}")
+    columns = [torch.ones(z.shape[0], dtype=torch.float64)]
+    for d in range(1, degree + 1):
+        columns += [z[:, list(c)].prod(dim=1) for c in combinations_with_replacement(range(z.shape[1]), d)]
+    design = torch.stack(columns, dim=1)
+    fit = design @ torch.linalg.lstsq(design, y[:, None]).solution[:, 0]
+    total = (y - y.mean()).square().sum()
+    return float(1 - (y - fit).square().sum() / total.clamp_min(1e-300))

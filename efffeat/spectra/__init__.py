@@ -10,6 +10,8 @@ file               what
 ``operator.py``    `KernelOperator`: ``J Jᵀ`` of chosen tensors as an operator on the factors
 ``spectrum.py``    `Spectrum` (eigenvalues, eigenfunctions, parameter directions, cliffs), `eigenfeatures`
                    (Lanczos / dense), `flattened_modes` (``P × P`` Gram), `eigenmodes` (any kernel matrix)
+``change.py``      `kernel_change` (eigenfeatures of ΔΘ = Θ_order − Θ_init, signed, factored): `KernelChange`;
+                   `weight_change` (singular vectors of ΔW per tensor)
 ``families.py``    `overlap` of eigenvector blocks with feature families, `argmax_features`
 ``fourier.py``     Fourier bases and families of modular arithmetic, embedding key frequencies
 ``tracking.py``    `track` an analysis over checkpoints and its derivative
@@ -24,6 +26,7 @@ families, cliffs of the spectrum, and tracking over training.
 from __future__ import annotations
 
 from ..features import REDUCTIONS, importance_weights, reduce_outputs
+from .change import ChangeEigenfeature, KernelChange, WeightChange, component_features, kernel_change, weight_change
 from .families import argmax_features, orthonormal_columns, overlap
 from .fourier import (
     dft_matrix,
@@ -52,13 +55,17 @@ __all__ = [
     "DEFAULT_RIDGE",
     "METHODS",
     "REDUCTIONS",
+    "ChangeEigenfeature",
     "Cliff",
     "Eigenfeature",
+    "KernelChange",
     "KernelOperator",
     "Spectrum",
     "Tracking",
+    "WeightChange",
     "argmax_features",
     "central_difference",
+    "component_features",
     "dft_matrix",
     "drop_ratios",
     "eigenfeatures",
@@ -68,6 +75,7 @@ __all__ = [
     "fourier_basis",
     "frequency_norms",
     "importance_weights",
+    "kernel_change",
     "key_frequencies",
     "modadd_fourier_families",
     "orthonormal_columns",
@@ -75,4 +83,5 @@ __all__ = [
     "reduce_outputs",
     "spectral_cliffs",
     "track",
+    "weight_change",
 ]

@@ -182,12 +182,17 @@ class Spectrum:
         """``[P]``: the unit parameter-space direction of eigenfeature i (zeros outside `params`)."""
         if self.direction_matrix is None or self.slots is None or self.params is None:
             raise ConfigError("this spectrum comes from a kernel matrix and has no parameter directions")
-        out = torch.zeros(self.n_features, dtype=self.direction_matrix.dtype)
+        return self._embed(self.direction_matrix[i])
+
+    def _embed(self, selected_vector: Tensor) -> Tensor:
+        """``[P]``: a vector over the tensors in `params` (``[P_sel]``, slot order), zeros elsewhere."""
+        assert self.slots is not None and self.params is not None
+        out = torch.zeros(self.n_features, dtype=selected_vector.dtype)
         start = 0
         selected = set(self.params)
         for s in self.slots:
             if s.name in selected:
-                out[s.offset : s.offset + s.numel] = self.direction_matrix[i, start : start + s.numel]
+                out[s.offset : s.offset + s.numel] = selected_vector[start : start + s.numel]
                 start += s.numel
         return out
 

@@ -278,7 +278,7 @@ def comparison(table: Any) -> go.Figure:
     labels, metrics = _columns(records)
     if not metrics:
         raise DataError("the comparison table has no numeric column to draw")
-    names = [" · ".join(str(r[k]) for k in labels) or str(i) for i, r in enumerate(records)]
+    names = [" · ".join(str(r[k]) for k in labels if r.get(k) is not None) or str(i) for i, r in enumerate(records)]
     n = len(metrics)
     cols = min(n, 3)
     rows = math.ceil(n / cols)

@@ -8,17 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..baselines.base import correct_logit
 from ..errors import ConfigError
 from .run import SEED, STEPS, Built, Recipe, Run, checked_config, count, rate, register, widths, within_budget
 
 if TYPE_CHECKING:
     from ..baselines import Probe, Units
-
-
-def correct_logit(output: Tensor, batch: tuple[Tensor, Tensor]) -> Tensor:
-    """Readout ``[N]``: the logit of each example's true class (sequence outputs: at the last position)."""
-    logits = output[:, -1] if output.ndim == 3 else output
-    return logits.gather(1, batch[1][:, None].long())[:, 0]
 
 
 def mlp(d_in: int, hidden: tuple[int, ...], d_out: int) -> nn.Sequential:
@@ -64,14 +59,27 @@ def _evaluate(run: Run) -> dict[str, float]:
 
 
 def _probe(config: dict) -> Probe:
-    """The first hidden layer after its ReLU; W₁ is the first Linear ``[hidden, 64]``."""
+    """The first hidden layer after its ReLU (W₁ the first Linear ``[hidden, 64]``, W₂ the one reading it).
+
+    Label-free: the effective methods read all ten logits, each class's logit over every example
+    (``per_component``), never the example's own label.
+    """
     from ..baselines import Probe
 
-    return Probe("1", "output", "0.weight", "neuron", 16)
+    single = len(config["hidden"]) == 1  # then W₂ = "2.weight" maps the probed units to the logits
+    return Probe(
+        "1",
+        "0.weight",
+        n_units=16,
+        readout="output",
+        per_component=True,
+        scored="functions",
+        out_weight="2.weight" if single else None,
+    )
 
 
 def _score(run: Run, units: Units) -> dict[str, Any]:
-    """Label purity and class selectivity of the units' functions over the training digits."""
+    """Label purity (|value| and both ends of signed functions) and class selectivity over the training digits."""
     from ..baselines import label_scores
 
     return label_scores(units.functions, run.data[1])

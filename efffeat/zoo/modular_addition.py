@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..baselines.base import correct_logit
 from ..errors import ConfigError
-from ..spectra.fourier import fourier_alignment, frequency_norms, key_frequencies
-from .digits import correct_logit
+from ..spectra.fourier import frequency_norms, key_frequencies
 from .run import SEED, STEPS, Built, Recipe, Run, checked_config, count, rate, register, within_budget
 
 if TYPE_CHECKING:
@@ -125,18 +125,46 @@ def _decode(tokens: Sequence[int]) -> str:
 
 
 def _probe(config: dict) -> Probe:
-    """The MLP's hidden units (the input of its output projection); W₁ is the MLP's input weight."""
+    """The MLP's hidden units (the input of its output projection); W₁ is the MLP's input weight.
+
+    Label-free: the effective methods read the logit of class 0 over every pair (one clean ``[p², p²]`` kernel).
+    """
     from ..baselines import Probe
 
-    return Probe(MLP_OUT, "input", "blocks.0.mlp.in.weight", "neuron", 16)
+    return Probe(MLP_OUT, "blocks.0.mlp.in.weight", at="input", n_units=16, readout=0, scored="functions")
+
+
+def neuron_key_frequencies(run: Run) -> list[int]:
+    """The key frequencies of the MLP neurons over all pairs (`efffeat.metrics.key_frequencies_of`)."""
+    from ..baselines import neurons
+    from ..baselines.metrics import key_frequencies_of
+
+    tokens = run.data[0]
+    acts = neurons(run.model, tokens, MLP_OUT, "input").values
+    return key_frequencies_of(acts, tokens[:, 0], tokens[:, 1], run.config["p"])
 
 
 def _score(run: Run, units: Units) -> dict[str, Any]:
-    """The fraction of each unit's variance over all pairs on the run's key frequencies, and those frequencies."""
-    tokens = run.data[0]
-    freqs = run_key_frequencies(run)
-    align = fourier_alignment(units.functions, tokens[:, 0], tokens[:, 1], run.config["p"], freqs)
-    return {"fourier": float(align.mean()), "key_freqs": " ".join(str(k) for k in freqs)}
+    """Fourier structure of each unit's function over all pairs, against the neurons' key frequencies.
+
+    ``concentration``: median share of a unit's power in its 6 strongest frequencies; ``key_power``: median share
+    on the neurons' key frequencies; ``jaccard``: the top frequencies of the units' summed power (as many as there
+    are keys) against the keys; ``key_freqs``: the neurons' key frequencies.
+    """
+    from ..baselines import metrics
+
+    tokens, p = run.data[0], run.config["p"]
+    a, b = tokens[:, 0], tokens[:, 1]
+    keys = neuron_key_frequencies(run)
+    live = units.functions.double().var(dim=0) > 0
+    power = metrics.frequency_power(units.functions[:, live], a, b, p)  # [n, p // 2]
+    found = sorted(int(i) + 1 for i in power.sum(dim=0).topk(len(keys)).indices)
+    return {
+        "concentration": float(metrics.fourier_concentration(units.functions[:, live], a, b, p).median()),
+        "key_power": float(power[:, [k - 1 for k in keys]].sum(dim=1).median()),
+        "jaccard": metrics.jaccard(found, keys),
+        "key_freqs": " ".join(str(k) for k in keys),
+    }
 
 
 _OPTIONS = {

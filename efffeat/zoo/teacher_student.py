@@ -56,14 +56,25 @@ def _probe(config: dict) -> Probe:
     """The hidden units after the ReLU; W₁ is the first Linear ``[hidden, d]``."""
     from ..baselines import Probe
 
-    return Probe("1", "output", "0.weight", "neuron", 8)
+    return Probe("1", "0.weight", n_units=8)
+
+
+def rotated_basis(truth: Tensor) -> Tensor:
+    """``[k, d]``: ``(u_{2j−1} ± u_{2j}) / √2``, the basis the product target uses (``z₁z₂ = (r₁² − r₂²) / 2``)."""
+    first, second = truth[0::2], truth[1::2]
+    return torch.cat([first + second, first - second]) / 2**0.5
 
 
 def _score(run: Run, units: Units) -> dict[str, Any]:
-    """Directions against the planted ``Uᵀ [k, d]``."""
+    """Directions against the planted subspace: MMCS to ``Uᵀ [k, d]`` and to the rotated basis the target uses,
+    the share of span U the top-k units span, their recall and in-span fraction."""
     from ..baselines import direction_scores
+    from ..baselines.metrics import mmcs
 
-    return direction_scores(run.ground_truth, units.directions)
+    truth = run.ground_truth.double()
+    scores = direction_scores(truth, units.directions, subspace=True)
+    scores["mmcs_rotated"] = mmcs(rotated_basis(truth), units.directions)
+    return scores
 
 
 _OPTIONS = {

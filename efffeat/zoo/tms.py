@@ -84,7 +84,7 @@ def _probe(config: dict) -> Probe:
     """The encoder W ``[n_hidden, n_features]``; its single parameters are the effective units."""
     from ..baselines import Probe
 
-    return Probe("encoder", "output", "encoder.weight", "param", config["n_features"])
+    return Probe("encoder", "encoder.weight", group="param", n_units=config["n_features"])
 
 
 def _score(run: Run, units: Units) -> dict[str, Any]:

@@ -131,6 +131,7 @@ def _result_objects():
         "NeuronActivations": neurons(model, x, "1"),
         "Spectrum(kernel matrix)": eigenmodes(feats.kernel(reduce="pairs"), k=4),
         "Spectrum(P×P Gram)": flattened_modes(feats, 3),
+        "KernelChange": ef.kernel_change(dual, x, order="path", k=3),
         "Tracking": track([(0, 1.0), (5, 2.0), (9, 2.5)], analyse=float, progress=False),
         "FeatureTable(param)": rank(feats, by="contribution"),
         "FeatureTable(neuron)": rank(feats, by="variance", group="neuron", top=4),

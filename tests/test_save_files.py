@@ -175,6 +175,7 @@ NAMES = (
     "FeatureTable(neuron)",
     "TopK",
     "Spectrum",
+    "KernelChange",
     "ComparisonTable",
     "Run",
 )

@@ -36,9 +36,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import io
 from .._check import one_of, positive_int
 from .._savable import register
-from ..dual import ORDERS, DualModel
+from ..dual import ORDERS, CompletenessWarning, DualModel
 from ..errors import ConfigError, DataError
 from ..features import EffectiveFeatures
 from ..ids import FeatureIds
@@ -54,13 +55,13 @@ INCOMPLETE = 0.5
 
 
 def warn_if_incomplete(residual: float, order: str, what: str) -> None:
-    """One `UserWarning` when the dual model at `order` leaves more than half of the change unexplained."""
+    """One `CompletenessWarning` when the dual model at `order` leaves more than half of the change unexplained."""
     if residual > INCOMPLETE:
         warnings.warn(
             f"{what} come from the dual model at order {order!r}, whose completeness residual is {residual:.3g} "
             f"(> {INCOMPLETE}): those features do not explain what the network learned. Use order='path' (add "
             "nodes= for ReLU networks, whose quadrature error falls like 1/nodes)",
-            UserWarning,
+            CompletenessWarning,
             stacklevel=3,
         )
 
@@ -245,6 +246,23 @@ class KernelChange(Spectrum):
         return tensors, meta
 
     @classmethod
+    def validate_state(cls, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
+        """`Spectrum`'s checks, then the two orders' directions ``[k, P_sel]`` and the centring offsets ``[K, k]``."""
+        extra = ("order_directions", "against_directions", "offsets")
+        Spectrum.validate_state({k: t for k, t in tensors.items() if k not in extra}, meta)
+        values = tensors["values"]
+        if "direction_matrix" in tensors:
+            shape = tuple(tensors["direction_matrix"].shape)
+            for name in extra[:2]:
+                if name in tensors:
+                    io.tensor(tensors, name, "float", shape=shape)
+        if "offsets" in tensors:
+            io.tensor(tensors, "offsets", "float", ndim=2)
+            offsets = tensors["offsets"]
+            if offsets.shape[1] != len(values):
+                io.invalid("tensor 'offsets'", f"[K, {len(values)}] (one column per eigenvalue)", offsets.shape)
+
+    @classmethod
     def from_state(cls, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> KernelChange:
         base = Spectrum.from_state(tensors, meta)
         return cls(
@@ -322,7 +340,7 @@ def kernel_change(
     Returns:
         `KernelChange` (a `Spectrum`): ``values`` signed, ``functions``, ``directions(i, kind)``, ``blocks``,
         ``input_directions(param)``, ``subspace(param, n)``, ``project``; ``meta["completeness"]`` holds the
-        residual of both orders. A `UserWarning` says so when the order's residual is above 0.5.
+        residual of both orders. A `CompletenessWarning` says so when the order's residual is above 0.5.
 
     Example::
 

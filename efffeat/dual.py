@@ -857,11 +857,12 @@ def _slow_quadrature(tried: list[tuple[int, float]]) -> str:
     mx = sum(a for a, _ in points) / len(points)
     my = sum(b for _, b in points) / len(points)
     slope = sum((a - mx) * (b - my) for a, b in points) / sum((a - mx) ** 2 for a, _ in points)
-    if slope >= 0:
-        return head
-    needed = n_last * (r_last / AUTO_PATH_RESIDUAL) ** (1 / -slope)
+    if slope > -0.1:
+        return f"{head}; more nodes do not bring it down (slope {slope:.2f} of log residual against log nodes)"
+    log_needed = math.log(n_last) + math.log(r_last / AUTO_PATH_RESIDUAL) / -slope
+    needed = f"≈ {math.exp(log_needed):.0f}" if log_needed < math.log(1e6) else "more than a million"
     kink = "; a slope near −1 means the path crosses kinks (ReLU)" if slope > -1.5 else ""
-    return f"{head}; it falls like nodes^{slope:.2f}, so ≈ {needed:.0f} nodes would reach it{kink}"
+    return f"{head}; it falls like nodes^{slope:.2f}, so {needed} nodes would reach it{kink}"
 
 
 def _check_order(order: Any, allow_auto: bool = False) -> str:

@@ -51,9 +51,7 @@ A new method is one `Baseline` passed to `register_baseline`::
 from __future__ import annotations
 
 import inspect
-import warnings
-from collections.abc import Callable, Collection, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -269,14 +267,6 @@ def baseline(name: str) -> Baseline:
 
 
 # ---- the methods -----------------------------------------------------------------------------------------
-@contextmanager
-def _one_completeness_warning() -> Iterator[None]:
-    """Inside compare the completeness warning is given once for the whole table, not once per kernel."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*completeness residual.*")
-        yield
-
-
 def _top_neurons(context: Context, feats: EffectiveFeatures, n: int | None) -> tuple[list[str], list[int]]:
     """The ids and W₁ rows of the top-n neuron groups of W₁ by RMS contribution (all when n is None)."""
     from ..ranking import rank
@@ -352,13 +342,12 @@ def _kernel_units(against: str | None, context: Context, n_units: int, seed: int
     n_pairs = fa.n_examples * fa.n_outputs
     components = range(fa.n_outputs) if context.probe.per_component and fa.n_outputs > 1 else [None]
     pool: list[tuple[float, Tensor, Tensor]] = []
-    with _one_completeness_warning():
-        for c in components:
-            k = min(n_units, fa.n_examples if c is not None else n_pairs)
-            kc = kernel_change(fa, against=fb, k=k, component=c, center=center, seed=seed)
-            dirs = kc.input_directions(context.probe.weight)
-            funcs = kc.functions if kc.functions.ndim == 2 else kc.functions.norm(dim=1)
-            pool += [(abs(float(kc.values[i])), dirs[i], funcs[:, i]) for i in range(len(kc))]
+    for c in components:
+        k = min(n_units, fa.n_examples if c is not None else n_pairs)
+        kc = kernel_change(fa, against=fb, k=k, component=c, center=center, seed=seed)
+        dirs = kc.input_directions(context.probe.weight)
+        funcs = kc.functions if kc.functions.ndim == 2 else kc.functions.norm(dim=1)
+        pool += [(abs(float(kc.values[i])), dirs[i], funcs[:, i]) for i in range(len(kc))]
     pool.sort(key=lambda item: -item[0])
     pool = pool[:n_units]
     return Units(torch.stack([d for _, d, _ in pool]), torch.stack([f for _, _, f in pool], dim=1))
@@ -368,8 +357,7 @@ def _kernel_subspace(context: Context, n_units: int, seed: int, top: int = 4, ce
     from ..spectra.change import kernel_change
 
     fa, fb = context.features(), context.features(order="init")
-    with _one_completeness_warning():
-        kc = kernel_change(fa, against=fb, k=min(top, fa.n_examples * fa.n_outputs), center=center, seed=seed)
+    kc = kernel_change(fa, against=fb, k=min(top, fa.n_examples * fa.n_outputs), center=center, seed=seed)
     rows = context.weight.shape[0] * len(kc)
     return Units(directions=kc.subspace(context.probe.weight, min(n_units, rows, context.weight.shape[1])))
 

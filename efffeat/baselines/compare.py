@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,8 +36,9 @@ from torch import Tensor
 from .. import io
 from .._check import positive_int
 from .._savable import register
+from ..dual import CompletenessWarning
 from ..errors import ConfigError, DataError
-from .base import SCORED, Context, Probe, Units, baseline
+from .base import SCORED, Baseline, Context, Probe, Units, baseline
 from .neurons import neurons
 from .scores import direction_scores, label_scores
 
@@ -179,28 +181,9 @@ def compare(
         "readout": getattr(context.readout, "__name__", str(context.readout)),
         "n_examples": context.activations.n_examples,
     }
-    rows = []
-    for method in chosen:
-        start = time.perf_counter()
-        reason = method.not_applicable(context) if method.not_applicable is not None else None
-        if reason is not None:
-            rows.append({"method": method.name, "note": f"not applicable: {reason}"})
-            continue
-        context.used.clear()
-        units = method.units(context, n_units, seed, **options.get(method.name, {}))
-        _check_units(method.name, units, context.probe.scored)
-        count = units.functions.shape[1] if units.functions is not None else units.directions.shape[0]  # type: ignore[union-attr]
-        row: dict[str, Any] = {"method": method.name, "units": int(count)}
-        row.update(score(units))
-        if units.fvu is not None:
-            row["fvu"] = units.fvu
-        if context.used:
-            row["order"] = context.used[0][0]
-            row["completeness"] = max(residual for _, residual in context.used)
-        row["seconds"] = time.perf_counter() - start
-        if method.note is not None:
-            row["note"] = method.note
-        rows.append(row)
+    with warnings.catch_warnings():  # the completeness warning is given once, for the whole table (below)
+        warnings.simplefilter("ignore", CompletenessWarning)
+        rows = [_method_row(method, context, n_units, seed, options, score) for method in chosen]
     read = [r for r in rows if "completeness" in r]
     if read:
         from ..spectra.change import warn_if_incomplete
@@ -209,6 +192,29 @@ def compare(
         meta["order"], meta["completeness"] = worst["order"], worst["completeness"]
         warn_if_incomplete(worst["completeness"], worst["order"], "compare's effective units")
     return ComparisonTable(rows, meta)
+
+
+def _method_row(method: Baseline, context: Context, n_units: int, seed: int, options: dict, score: Any) -> dict[str, Any]:
+    """One method's row: its units scored, with the order and completeness of the features it read."""
+    start = time.perf_counter()
+    reason = method.not_applicable(context) if method.not_applicable is not None else None
+    if reason is not None:
+        return {"method": method.name, "note": f"not applicable: {reason}"}
+    context.used.clear()
+    units = method.units(context, n_units, seed, **options.get(method.name, {}))
+    _check_units(method.name, units, context.probe.scored)
+    count = units.functions.shape[1] if units.functions is not None else units.directions.shape[0]  # type: ignore[union-attr]
+    row: dict[str, Any] = {"method": method.name, "units": int(count)}
+    row.update(score(units))
+    if units.fvu is not None:
+        row["fvu"] = units.fvu
+    if context.used:
+        row["order"] = context.used[0][0]
+        row["completeness"] = max(residual for _, residual in context.used)
+    row["seconds"] = time.perf_counter() - start
+    if method.note is not None:
+        row["note"] = method.note
+    return row
 
 
 def _methods(methods: Any) -> list:

@@ -194,7 +194,9 @@ def compare(
     return ComparisonTable(rows, meta)
 
 
-def _method_row(method: Baseline, context: Context, n_units: int, seed: int, options: dict, score: Any) -> dict[str, Any]:
+def _method_row(
+    method: Baseline, context: Context, n_units: int, seed: int, options: dict, score: Any
+) -> dict[str, Any]:
     """One method's row: its units scored, with the order and completeness of the features it read."""
     start = time.perf_counter()
     reason = method.not_applicable(context) if method.not_applicable is not None else None

@@ -60,7 +60,7 @@ def test_dashboard_single_weight_draws_autograd_values(digits):
     grads = per_example_grads(digits.model, digits.x, digits.y)
     want = grads["0.weight"][:, 3, 20].numpy()
     delta = float(digits.dual.delta["0.weight"][3, 20])
-    fig = viz.feature_dashboard(digits.dual, fid, data=digits.data, features=digits.feats, n_examples=6)
+    fig = viz.feature_dashboard(digits.dual, fid, data=digits.data, features=digits.feats, n_examples=6).figure
     hist_values, hist_contrib = traces(fig, "histogram")
     np.testing.assert_allclose(hist_values.x, want, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(hist_contrib.x, delta * want, rtol=1e-10, atol=1e-12)
@@ -85,17 +85,21 @@ def test_dashboard_neuron_group_is_its_summed_contribution(digits):
     grads = per_example_grads(digits.model, digits.x, digits.y)
     d = digits.dual.delta
     want = (grads["0.weight"][:, 5] * d["0.weight"][5]).sum(1) + grads["0.bias"][:, 5] * d["0.bias"][5]
-    fig = viz.feature_dashboard(digits.dual, "0.weight[5,:]", data=digits.data, features=digits.feats)
-    values, contributions = traces(fig, "histogram")
-    np.testing.assert_allclose(values.x, want.numpy(), rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(contributions.x, want.numpy(), rtol=1e-10, atol=1e-12)
-    assert "65 features" in " ".join(titles(fig))  # 64 weights and the bias
+    norm = (grads["0.weight"][:, 5].square().sum(1) + grads["0.bias"][:, 5].square()).sqrt()
+    fig = viz.feature_dashboard(digits.dual, "0.weight[5,:]", data=digits.data, features=digits.feats).figure
+    norms, contributions = traces(fig, "histogram")
+    np.testing.assert_allclose(norms.x, norm.numpy(), rtol=1e-10, atol=1e-12)  # how strongly its features respond
+    np.testing.assert_allclose(contributions.x, want.numpy(), rtol=1e-10, atol=1e-12)  # its signed contribution
+    assert "norm of its 65 features" in " ".join(titles(fig))  # 64 weights and the bias
+    shown = [int(m) for m in re.findall(r"#(\d+)", " ".join(titles(fig)))]
+    assert shown[:8] == torch.argsort(-want, stable=True)[:8].tolist()  # ordered by the signed contribution
+    assert shown[8:] == torch.argsort(want, stable=True)[:8].tolist()  # the most negative first
     assert not traces(fig, "scatter")  # no single entry to mark
 
 
 def test_dashboard_rank_and_score_from_the_table(digits):
     table = rank(digits.feats, by="contribution", group="neuron")
-    fig = viz.feature_dashboard(digits.dual, table.ids[1], data=digits.data, features=digits.feats, table=table)
+    fig = viz.feature_dashboard(digits.dual, table.ids[1], data=digits.data, features=digits.feats, table=table).figure
     assert f"rank 2 of {len(table)} by contribution (neuron), score {float(table.scores[1]):.4g}" in (
         fig.layout.title.text
     )
@@ -104,13 +108,15 @@ def test_dashboard_rank_and_score_from_the_table(digits):
 def test_dashboard_uses_the_top_k_it_is_given(digits):
     fid = "2.weight[4,:]"
     topk = SimpleNamespace(indices=torch.tensor([7, 3, 11]))
-    fig = viz.feature_dashboard(digits.dual, fid, {fid: topk}, data=digits.data, features=digits.feats, n_examples=3)
+    fig = viz.feature_dashboard(
+        digits.dual, fid, {fid: topk}, data=digits.data, features=digits.feats, n_examples=3
+    ).figure
     assert [int(m) for m in re.findall(r"#(\d+)", " ".join(titles(fig)))][:3] == [7, 3, 11]
 
 
 def test_dashboard_eigenfeature(digits):
     eig = eigenfeatures(digits.feats, k=4)
-    fig = viz.feature_dashboard(digits.dual, eig[1], data=digits.data, features=digits.feats)
+    fig = viz.feature_dashboard(digits.dual, eig[1], data=digits.data, features=digits.feats).figure
     values, contributions = traces(fig, "histogram")
     direction = eig.directions(1)
     projected = digits.feats.matvec(direction)  # φᴱ(x)·d_1
@@ -122,7 +128,7 @@ def test_dashboard_eigenfeature(digits):
 
 def test_dashboard_neuron_activations(digits):
     acts = neurons(digits.model, digits.x, "1")  # the Tanh after the first layer
-    fig = viz.feature_dashboard(digits.dual, "1[3]", data=digits.data, features=acts, n_examples=4)
+    fig = viz.feature_dashboard(digits.dual, "1[3]", data=digits.data, features=acts, n_examples=4).figure
     (hist,) = traces(fig, "histogram")
     want = torch.tanh(digits.model[0](digits.x))[:, 3].detach()
     np.testing.assert_allclose(hist.x, want.numpy(), rtol=1e-12)
@@ -131,7 +137,7 @@ def test_dashboard_neuron_activations(digits):
     assert any("no contribution" in t for t in titles(fig))
 
 
-def test_dashboard_tokens_as_text_and_low_dimensional_inputs_as_tables():
+def test_dashboard_tokens_as_highlighted_text_and_low_dimensional_inputs_as_tables():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(7, 4), nn.Flatten(), nn.Linear(12, 1))
     init = {k: v.clone() for k, v in model.state_dict().items()}
@@ -141,17 +147,29 @@ def test_dashboard_tokens_as_text_and_low_dimensional_inputs_as_tables():
     tokens = torch.randint(0, 6, (30, 3))
     tokens[:, 2] = 6
     dual = ef.DualModel(model, init=init, readout=0, progress=False)
-    fig = viz.feature_dashboard(dual, "2.weight[0,:]", data=tokens, n_examples=4, decode=lambda t: f"{t[0]} + {t[1]} =")
-    tables = traces(fig, "table")
-    assert len(tables) == 2
-    texts = tables[0].cells.values[-1]
+    names = {6: "="}
+    dash = viz.feature_dashboard(
+        dual, "2.weight[0,:]", data=tokens, n_examples=4, token_text=lambda t: names.get(t, str(t))
+    )
+    spans = re.findall(r"<span class='ef-tok'[^>]*>([^<]*)</span>", dash.examples_html)
+    assert len(spans) == 2 * 4 * 3 and spans[2::3] == ["="] * 8  # one span per token of the top and bottom 4
+    assert "no per-position split" in dash.examples_html  # the last Linear reads the flattened sequence
+    # its row is drawn in the shape of what it reads: 3 positions × 4 embedding dimensions
+    (theta, delta) = [t for t in traces(dash.figure, "heatmap")]
+    np.testing.assert_allclose(theta.z, model[2].weight[0].detach().reshape(3, 4).numpy(), rtol=1e-6)
+    table = viz.feature_dashboard(
+        dual, "2.weight[0,:]", data=tokens, n_examples=4, input_kind="table", decode=lambda t: f"{t[0]} + {t[1]} ="
+    ).figure
+    texts = traces(table, "table")[0].cells.values[-1]
     assert len(texts) == 4 and all(re.fullmatch(r"\d \+ \d =", t) for t in texts)
     low = torch.randn(25, 3)
     mlp = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
     init = {k: v.clone() for k, v in mlp.state_dict().items()}
     with torch.no_grad():
         mlp[0].weight.add_(0.2)
-    fig = viz.feature_dashboard(ef.DualModel(mlp, init=init, readout=0, progress=False), "0.weight[1,2]", data=low)
+    fig = viz.feature_dashboard(
+        ef.DualModel(mlp, init=init, readout=0, progress=False), "0.weight[1,2]", data=low
+    ).figure
     first = traces(fig, "table")[0]
     i = int(first.cells.values[0][0])
     assert first.cells.values[-1][0] == "[" + ", ".join(f"{v:.3g}" for v in low[i].tolist()) + "]"
@@ -165,9 +183,11 @@ def test_dashboard_vector_readout_picks_the_component_it_contributes_to():
         model.weight[2, 1] += 1.0
     x = torch.randn(20, 3)
     dual = ef.DualModel(model, init=init, readout="output", progress=False)
-    fig = viz.feature_dashboard(dual, "weight[2,:]", data=x)
+    fig = viz.feature_dashboard(dual, "weight[2,:]", data=x).figure
     assert "readout component 2" in fig.layout.title.text
-    np.testing.assert_allclose(traces(fig, "histogram")[0].x, x[:, 1].numpy(), rtol=1e-6)
+    norms, contributions = traces(fig, "histogram")
+    np.testing.assert_allclose(contributions.x, x[:, 1].numpy(), rtol=1e-6)  # only W[2, 1] changed, by 1
+    np.testing.assert_allclose(norms.x, (x.square().sum(1) + 1).sqrt().numpy(), rtol=1e-6)  # weights and the bias
     with pytest.raises(ef.ConfigError, match="component=5"):
         viz.feature_dashboard(dual, "weight[2,:]", data=x, component=5)
 
@@ -346,7 +366,7 @@ def test_report_is_written_atomically(digits, tmp_path, monkeypatch):
 def test_figures_are_valid_plotly(digits):
     for fig in (
         viz.ranking(rank(digits.feats)),
-        viz.feature_dashboard(digits.dual, "2.weight[0,:]", data=digits.data, features=digits.feats),
+        viz.feature_dashboard(digits.dual, "2.weight[0,:]", data=digits.data, features=digits.feats).figure,
     ):
         assert isinstance(fig, go.Figure)
         go.Figure(fig.to_dict())  # round-trips through plotly's validation

@@ -446,7 +446,7 @@ def _figure(
     rows.append(_Row([("xy", _COLUMNS // n_hist, t) for t in hist_titles], 260))
     if view.pictures:
         span = _COLUMNS // len(view.pictures)
-        rows.append(_Row([("xy", span, p.title) for p in view.pictures], 300))
+        rows.append(_Row([("xy", span - 1, p.title) for p in view.pictures], 300))  # a column apart
     if attention:
         span = _COLUMNS // max(len(attention), 2)
         titles = [f"#{i}: attention of head {view.attention[1]}" for i, _ in attention]  # type: ignore[index]
@@ -456,6 +456,8 @@ def _figure(
         spec: list[Any] = []
         for kind, span, title in row.panels:
             spec += [{"type": kind, "colspan": span}] + [None] * (span - 1)
+            if len(row.panels) > 1 and span < _COLUMNS // len(row.panels):
+                spec.append(None)  # the gap after a panel that leaves one
             titles.append(title)
         specs.append(spec + [None] * (_COLUMNS - len(spec)))
     gap = 70
@@ -486,7 +488,6 @@ def _figure(
     for j, (name, values, color) in enumerate(view.histograms):
         col = j * span + 1
         fig.add_trace(go.Histogram(x=values, nbinsx=40, marker_color=color, name=name), row=at, col=col)
-        fig.update_xaxes(title_text=name, row=at, col=col)
     if view.contributions is None:
         _empty_note(fig, at, (n_hist - 1) * span + 1, "no contribution: this is not a term of the dual model")
     fig.update_yaxes(title_text="examples", row=at, col=1)
@@ -494,7 +495,7 @@ def _figure(
     if view.pictures:
         span = _COLUMNS // len(view.pictures)
         for j, picture in enumerate(view.pictures):
-            _add_picture(fig, picture, at, j * span + 1, j == len(view.pictures) - 1)
+            _add_picture(fig, picture, at, j * span + 1, j == len(view.pictures) - 1 or picture.kind == "bars")
         at += 1
     if attention:
         span = _COLUMNS // max(len(attention), 2)
@@ -553,9 +554,12 @@ def _add_picture(fig: go.Figure, picture: Picture, row: int, col: int, show_scal
             row=row,
             col=col,
         )
-        fig.update_xaxes(title_text=picture.x_title or "entry", row=row, col=col)
+        fig.update_xaxes(
+            title_text=picture.x_title or "entry", dtick=1 if len(picture.z) <= 24 else None, row=row, col=col
+        )
         return
     bound = float(np.nanmax(np.abs(picture.z))) if np.isfinite(picture.z).any() else 1.0
+    low, high = fig.get_subplot(row, col).yaxis.domain
     fig.add_trace(
         go.Heatmap(
             z=picture.z,
@@ -565,7 +569,7 @@ def _add_picture(fig: go.Figure, picture: Picture, row: int, col: int, show_scal
             zmin=-(bound or 1.0),
             zmax=bound or 1.0,
             showscale=show_scale,
-            colorbar={"len": 0.25, "thickness": 12, "x": 1.0, "y": 0.5},
+            colorbar={"len": high - low, "thickness": 12, "x": 1.0, "y": (low + high) / 2},
             hovertemplate="[%{y},%{x}] = %{z:.4g}<extra></extra>",
         ),
         row=row,

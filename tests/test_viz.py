@@ -370,3 +370,117 @@ def test_figures_are_valid_plotly(digits):
     ):
         assert isinstance(fig, go.Figure)
         go.Figure(fig.to_dict())  # round-trips through plotly's validation
+
+
+# ---- pictures with meaning, zeros, signed spectra, the report's words ----------------------------------------
+def heatmap_pictures(fig):
+    return [t for t in traces(fig, "heatmap") if t.zmid == 0]
+
+
+@pytest.fixture(scope="module")
+def tiny_cnn():
+    """A 1→2-channel 3×3 convolution, 2×2 max-pool and a Linear on 20 digits (float64; the exact fallback)."""
+    from sklearn.datasets import load_digits
+
+    torch.manual_seed(0)
+    d = load_digits()
+    x = torch.tensor(d.data[:20], dtype=F64).reshape(-1, 1, 8, 8) / 16
+    y = torch.tensor(d.target[:20])
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(18, 10)).to(F64)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    with pytest.warns(ef.FallbackWarning):
+        dual = ef.DualModel(model, init=init, readout=correct_logit, order="trained", progress=False)
+        feats = dual.features((x, y))
+    return SimpleNamespace(model=model, dual=dual, feats=feats, data=(x, y))
+
+
+def test_convolution_filters_are_drawn_as_kernels(tiny_cnn):
+    w = tiny_cnn.model[0].weight.detach()
+    fig = viz.feature_dashboard(tiny_cnn.dual, "0.weight[1,0,2,1]", data=tiny_cnn.data, features=tiny_cnn.feats).figure
+    theta, _ = heatmap_pictures(fig)
+    np.testing.assert_array_equal(theta.z, w[1, 0].numpy())  # out channel 1's 3×3 kernel (one input channel)
+    assert [(m.y[0], m.x[0]) for m in traces(fig, "scatter")] == [(2, 1), (2, 1)]  # the weight, marked
+    fig = viz.feature_dashboard(tiny_cnn.dual, "0.weight", data=tiny_cnn.data, features=tiny_cnn.feats).figure
+    theta, _ = heatmap_pictures(fig)
+    z = np.array(theta.z, dtype=float)
+    assert z.shape == (2 * 4 - 1, 3)  # out × in tiles of 3×3, one blank row between them
+    np.testing.assert_array_equal(z[:3], w[0, 0].numpy())
+    np.testing.assert_array_equal(z[4:], w[1, 0].numpy())
+    assert np.isnan(z[3]).all()
+
+
+def test_a_linear_row_is_drawn_in_the_shape_of_what_it_reads(tiny_cnn):
+    w = tiny_cnn.model[4].weight.detach()  # reads the flattened [2, 3, 3] pooled maps
+    fig = viz.feature_dashboard(tiny_cnn.dual, "4.weight[3,:]", data=tiny_cnn.data, features=tiny_cnn.feats).figure
+    theta, _ = heatmap_pictures(fig)
+    z = np.array(theta.z, dtype=float)
+    assert z.shape == (3, 2 * 4 - 1)  # the two channels side by side
+    np.testing.assert_array_equal(z[:, :3], w[3, :9].reshape(3, 3).numpy())
+    np.testing.assert_array_equal(z[:, 4:], w[3, 9:].reshape(3, 3).numpy())
+
+
+def test_norm_gains_are_bars_and_a_cyclic_embedding_is_a_fourier_spectrum():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 1)).to(F64)
+    init = {k: v.clone() for k, v in mlp.state_dict().items()}
+    with torch.no_grad():
+        mlp[1].weight.add_(0.3 * torch.randn(6, dtype=F64))
+    x = torch.randn(30, 4, dtype=F64)
+    dual = ef.DualModel(mlp, init=init, readout=0, progress=False)
+    fig = viz.feature_dashboard(dual, "1.weight[2]", data=x).figure
+    theta, delta = traces(fig, "bar")
+    np.testing.assert_allclose(theta.y, mlp[1].weight.detach().numpy())
+    np.testing.assert_allclose(delta.y, (mlp[1].weight - init["1.weight"]).detach().numpy())
+    assert list(theta.marker.line.width) == [0, 0, 2, 0, 0, 0]  # the gain of unit 2, outlined
+    p = 7
+    model = nn.Sequential(nn.Embedding(p + 1, 4), nn.Flatten(), nn.Linear(8, 1)).to(F64)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model[0].weight[:p, 1] += torch.cos(2 * math.pi * 2 * torch.arange(p, dtype=F64) / p)
+    tokens = torch.stack([torch.arange(14) % p, torch.full((14,), p)], dim=1)
+    dual = ef.DualModel(model, init=init, readout=0, progress=False)
+    fig = viz.feature_dashboard(dual, "0.weight[:,1]", data=tokens, cyclic=p).figure
+    theta, delta = traces(fig, "bar")
+    np.testing.assert_allclose(theta.y, ef.spectra.frequency_norms(model[0].weight[:p, 1:2].detach()).numpy())
+    assert list(theta.x) == [1, 2, 3] and int(np.argmax(delta.y)) == 1  # Δθ is the planted frequency 2
+    assert "over the 7 residues" in fig.layout.title.text
+
+
+def test_a_group_top_list_skips_examples_where_it_takes_no_part(digits):
+    fid = "2.weight[4,:]"  # the output row of digit 4: the correct-class logit reads it only on 4s
+    dash = viz.feature_dashboard(digits.dual, fid, data=digits.data, features=digits.feats, n_examples=6)
+    shown = [int(m) for m in re.findall(r"#(\d+)", " ".join(titles(dash.figure)))]
+    fours = int((digits.y == 4).sum())
+    assert all(int(digits.y[i]) == 4 for i in shown)  # top and bottom: only 4s, no example at 0
+    assert titles(dash.figure).count(f"{len(digits.y) - fours} examples at exactly 0 not listed") == 2
+
+
+def test_signed_spectra_use_the_magnitude_and_keep_the_sign(digits):
+    from dataclasses import replace
+
+    eig = eigenfeatures(digits.feats, k=4)
+    signed = replace(eig, values=eig.values * torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=F64))
+    fig = viz.spectrum(signed)
+    np.testing.assert_allclose(fig.data[0].y, eig.values.numpy())
+    assert "2 negative" in fig.layout.title.text and fig.layout.yaxis.title.text == "|eigenvalue|"
+    dash = viz.feature_dashboard(digits.dual, signed[1], data=digits.data, features=digits.feats)
+    values, _ = traces(dash.figure, "histogram")
+    np.testing.assert_allclose(values.x, digits.feats.matvec(eig.directions(1)).numpy(), rtol=1e-8, atol=1e-10)
+    assert "(negative)" in dash.figure.layout.title.text
+    top = ef.max_activating(digits.feats, signed[1], k=3)
+    assert torch.equal(top[0].indices, ef.max_activating(digits.feats, eig[1], k=3)[0].indices)
+
+
+def test_the_report_explains_its_numbers_and_warns_of_a_large_residual(digits, tmp_path):
+    assert viz.html_report.completeness_warning(0.05, "nlo", {"init": 0.2}) == ""
+    warning = viz.html_report.completeness_warning(0.5, "nlo", {"nlo": 0.5, "init": 0.9, "path": 0.01})
+    assert "50% of the change unexplained" in warning and "order='path'" in warning
+    assert "broken down" in viz.html_report.completeness_warning(1.3, "init", {"init": 1.3})
+    an = ef.Analysis(digits.dual, digits.data, features=digits.feats, n_eigen=3)
+    text = viz.report(an, tmp_path / "r.html", top=1).read_text()
+    assert "Completeness residual</b> r =" in text and "It can exceed 100 %" in text
+    assert f"order of the features shown</th><td>trained (completeness residual {an.completeness():.3g})" in text
+    assert ("<div class='warning'>" in text) == (an.completeness() > viz.html_report.LARGE_RESIDUAL)

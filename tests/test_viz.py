@@ -484,3 +484,20 @@ def test_the_report_explains_its_numbers_and_warns_of_a_large_residual(digits, t
     assert "Completeness residual</b> r =" in text and "It can exceed 100 %" in text
     assert f"order of the features shown</th><td>trained (completeness residual {an.completeness():.3g})" in text
     assert ("<div class='warning'>" in text) == (an.completeness() > viz.html_report.LARGE_RESIDUAL)
+
+
+def test_a_dashboard_is_one_page_with_its_sequences(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(7, 4), nn.Flatten(), nn.Linear(12, 1))
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model[0].weight.add_(0.1)
+    tokens = torch.randint(0, 7, (20, 3))
+    dash = viz.feature_dashboard(
+        ef.DualModel(model, init=init, readout=0, progress=False), "0.weight[2,:]", data=tokens
+    )
+    page = dash.write_html(tmp_path / "dashboard.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.count(get_plotlyjs()) == 1
+    assert page.index("ef-tokens") < page.index("plotly-graph-div")  # the sequences, then the figure
+    assert dash.examples_html in dash.to_html(full_html=False, include_plotlyjs=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["dashboard.html"]

@@ -72,8 +72,8 @@ def _add_pictures(nb: nbformat.NotebookNode, tmp: Path) -> int:
     """Give every plotly output a PNG of the figure (returns how many); drop tqdm's note that the kernel has
     no ipywidgets, which says nothing about the notebook."""
     count = 0
-    for cell in nb.cells:
-        cell["outputs"] = [o for o in cell.get("outputs", []) if "IProgress not found" not in o.get("text", "")]
+    for cell in (c for c in nb.cells if c.cell_type == "code"):
+        cell["outputs"] = [o for o in cell["outputs"] if "IProgress not found" not in o.get("text", "")]
         for output in cell["outputs"]:
             figure = output.get("data", {}).get(PLOTLY)
             if figure is None:

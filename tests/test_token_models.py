@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -92,3 +94,33 @@ def test_transformer_lens_hook_names_are_accepted_as_module_names(tiny_bridge):
     assert torch.equal(native.values, cache["blocks.0.mlp.hook_post"][:, -1])
     with pytest.raises(ef.ConfigError, match="hook_pattern"):
         ef.baselines.neurons(model, tokens, "blocks.7.attn.hook_pattern")
+
+
+def test_a_head_dashboard_highlights_tokens_and_draws_attention(tiny_bridge):
+    model, init, tokens = tiny_bridge
+    dual = ef.DualModel(model, init, readout=ef.readouts.logit(3), order="trained", dtype=F64, progress=False)
+    feats = dual.features(tokens)
+    dash = ef.viz.feature_dashboard(dual, "blocks.1.attn.head[2]", data=tokens, features=feats, n_examples=3)
+    spans = re.findall(r"<span class='ef-tok'", dash.examples_html)
+    assert len(spans) == 2 * 3 * 5  # top and bottom 3 sequences, one span per token
+    per_position, shared = ef.search.position_values(feats, "blocks.1.attn.head[2]", by="contribution")
+    top = ef.max_activating(feats, "blocks.1.attn.head[2]", k=3)[0]
+    assert f"#{int(top.indices[0])} · {float(top.values[0]):.4g}" in dash.examples_html
+    torch.testing.assert_close(
+        per_position.sum(2) + shared, ef.search.feature_values(feats, "blocks.1.attn.head[2]", by="contribution")
+    )
+    attention = [t for t in dash.figure.data if t.type == "heatmap" and t.name == "attention pattern"]
+    _, cache = model.run_with_cache(tokens[top.indices[:3]])
+    assert len(attention) == 3
+    for shown, want in zip(attention, cache["blocks.1.attn.hook_pattern"][:, 2]):
+        np.testing.assert_allclose(shown.z, want.double().numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_an_embedding_column_over_a_cyclic_vocabulary_is_a_fourier_spectrum(tiny_bridge):
+    model, init, tokens = tiny_bridge
+    dual = ef.DualModel(model, init, readout=ef.readouts.logit(3), order="trained", progress=False)
+    dash = ef.viz.feature_dashboard(dual, "embed.weight[:,5]", data=tokens, cyclic=7)
+    theta, delta = [t for t in dash.figure.data if t.type == "bar"]
+    want = ef.spectra.frequency_norms(model.state_dict()["embed.weight"][:7, 5:6].detach())
+    np.testing.assert_allclose(theta.y, want.numpy(), rtol=1e-6)
+    assert list(theta.x) == [1, 2, 3]

@@ -249,14 +249,14 @@ def _id_view(dual: Any, feats: Any, fid: str, component: int | None, ex: Example
     if slot is not None:
         theta = getattr(dual, "theta_trained", {}).get(slot.name)
         tensors = [(t, v) for t, v in (("θ*", theta), ("Δθ", feats.delta[slot.name])) if v is not None]
-        module = _module_of(dual, slot.name)
-        shape = _input_shape(dual, slot.name, ex)
+        holder = _module_of(dual, slot.name)
+        embedding = holder is not None and isinstance(holder[1], nn.Embedding)
         pictures, where = weight_pictures(
             tensors,
             parsed.index,
             single,
-            shape,
-            cyclic if isinstance(module, nn.Embedding) else None,
+            _input_shape(dual, holder, ex),
+            cyclic if embedding else None,
             frequency_norms,
         )
         picture_name = f"{slot.state_name}, {where}"
@@ -281,23 +281,27 @@ def _id_view(dual: Any, feats: Any, fid: str, component: int | None, ex: Example
     )
 
 
-def _module_of(dual: Any, param: str) -> nn.Module | None:
+def _module_of(dual: Any, param: str) -> tuple[str, nn.Module] | None:
+    """``(named_modules name, module)`` of the module that holds parameter `param` (a named_parameters name;
+    TransformerLens bridges name their modules and parameters differently)."""
     model = getattr(dual, "model", None)
-    if model is None or "." not in param:
-        return model
-    return dict(model.named_modules()).get(param.rsplit(".", 1)[0])
+    target = None if model is None else dict(model.named_parameters()).get(param)
+    if target is None:
+        return None
+    return next(
+        ((name, m) for name, m in model.named_modules() if any(p is target for p in m._parameters.values())), None
+    )
 
 
-def _input_shape(dual: Any, param: str, ex: Examples) -> tuple[int, ...] | None:
-    """The per-example shape of what the layer holding `param` reads, before it was flattened (if known)."""
-    model = getattr(dual, "model", None)
-    if model is None or "." not in param:
+def _input_shape(dual: Any, holder: tuple[str, nn.Module] | None, ex: Examples) -> tuple[int, ...] | None:
+    """The per-example shape of what the layer `holder` reads, before it was flattened (if known)."""
+    if holder is None:
         return ex.image_shape
     x = ex.inputs[:1]
     if x.is_floating_point():
         x = x.to(getattr(dual, "dtype", x.dtype))
-    shapes = layer_input_shapes(model, x.to(getattr(dual, "device", x.device)))
-    return shapes.get(param.rsplit(".", 1)[0], ex.image_shape)
+    shapes = layer_input_shapes(dual.model, x.to(getattr(dual, "device", x.device)))
+    return shapes.get(holder[0], ex.image_shape)
 
 
 def _eigen_view(dual: Any, eigen: Any, i: Any, component: int | None) -> FeatureView:

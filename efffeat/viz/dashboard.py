@@ -415,6 +415,7 @@ class _Row:
 
     panels: list[tuple[str, int, str]]
     height: int
+    gap: bool = False  # one empty column after each panel
 
 
 def _figure(
@@ -450,7 +451,7 @@ def _figure(
     rows.append(_Row([("xy", _COLUMNS // n_hist, t) for t in hist_titles], 260))
     if view.pictures:
         span = _COLUMNS // len(view.pictures)
-        rows.append(_Row([("xy", span - 1, p.title) for p in view.pictures], 300))  # a column apart
+        rows.append(_Row([("xy", span - 1, p.title) for p in view.pictures], 300, gap=True))
     if attention:
         span = _COLUMNS // max(len(attention), 2)
         titles = [f"#{i}: attention of head {view.attention[1]}" for i, _ in attention]  # type: ignore[index]
@@ -460,8 +461,8 @@ def _figure(
         spec: list[Any] = []
         for kind, span, title in row.panels:
             spec += [{"type": kind, "colspan": span}] + [None] * (span - 1)
-            if len(row.panels) > 1 and span < _COLUMNS // len(row.panels):
-                spec.append(None)  # the gap after a panel that leaves one
+            if row.gap:
+                spec.append(None)
             titles.append(title)
         specs.append(spec + [None] * (_COLUMNS - len(spec)))
     gap = 70

@@ -49,7 +49,7 @@ from .errors import ConfigError, DataError, FeatureIdError
 from .factors import Selection
 from .features import EffectiveFeatures
 from .groups import group_positions, n_heads_of
-from .ids import FeatureIds
+from .ids import FeatureIds, ParamSlot
 from .spectra import Eigenfeature, Spectrum
 
 # The per-example quantities examples are sorted by (the ranking criteria of `efffeat.rank` summarise them).
@@ -114,25 +114,22 @@ class _GroupNorm:
         return sq.sqrt()
 
 
+def _by_tensor(space: _Space, positions: Tensor) -> list[tuple[ParamSlot, Tensor]]:
+    """The parameter tensors flat feature positions ``[m]`` fall in, each with the mask ``[m]`` of its own."""
+    inside = [(s, (positions >= s.offset) & (positions < s.offset + s.numel)) for s in space.ids.slots]
+    return [(s, mask) for s, mask in inside if bool(mask.any())]
+
+
 def _parts(space: _Space, positions: Tensor) -> dict[str, Tensor]:
     """``{named_parameters name: local flat positions}`` of flat feature positions ``[m]``."""
-    out = {}
-    for s in space.ids.slots:
-        inside = (positions >= s.offset) & (positions < s.offset + s.numel)
-        if bool(inside.any()):
-            out[s.name] = positions[inside] - s.offset
-    return out
+    return {s.name: positions[mask] - s.offset for s, mask in _by_tensor(space, positions)}
 
 
 def _functional(space: _Space, positions: Tensor, weights: Tensor) -> _Functional:
     """Group flat feature positions ``[m]`` and weights ``[m]`` by parameter tensor."""
-    parts = {}
-    for s in space.ids.slots:
-        inside = (positions >= s.offset) & (positions < s.offset + s.numel)
-        if bool(inside.any()):
-            parts[s.name] = Selection(s.shape, positions[inside] - s.offset, weights[inside])
-    return _Functional(parts)
-
+    return _Functional(
+        {s.name: Selection(s.shape, positions[m] - s.offset, weights[m]) for s, m in _by_tensor(space, positions)}
+    )
 
 
 def _resolve(space: _Space, spec: FeatureSpec, by: str) -> tuple[str, Callable[[EffectiveFeatures], Tensor]]:

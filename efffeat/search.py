@@ -329,14 +329,16 @@ def feature_values(features: EffectiveFeatures, feature: FeatureSpec, by: str = 
     return _evaluate([label], [fn], features)[0]
 
 
-def position_values(features: EffectiveFeatures, feature: str, by: str = "value") -> tuple[Tensor, Tensor]:
+def position_values(
+    features: EffectiveFeatures, feature: str, by: str = "value", n_positions: int | None = None
+) -> tuple[Tensor, Tensor]:
     """A feature's or group's value split over the positions of its sequences.
 
     The features of a sequence model sum over positions (``∂z/∂W = Σ_t δ_t a_tᵀ``); the factors keep one
-    rank term per position (times the uses of a weight, orders, quadrature nodes). Returns
-    ``(per_position [N, K, T], shared [N, K])``: the part of the value carried by each of the T positions,
-    and the part no position carries alone (biases, norm gains, factors stored dense); they add up to
-    `feature_values`. T is the number of rank terms of the factors that have them.
+    rank term per position, in blocks of T (one block per use of a weight, order term or quadrature node).
+    Returns ``(per_position [N, K, T], shared [N, K])``: the part of the value carried by each of the T
+    positions, and the part no position carries alone (biases, norm gains, factors stored dense); they add up
+    to `feature_values`. n_positions: T, the sequence length (default: the fewest rank terms of any factor).
     """
     one_of("by", by, ("value", "contribution"))
     label, fn = _resolve(_Space.of(features), feature, by)
@@ -345,7 +347,9 @@ def position_values(features: EffectiveFeatures, feature: str, by: str = "value"
     n, k = features.n_examples, features.n_outputs
     terms = {name: features.factors[name].selected_terms(sel) for name, sel in fn.parts.items()}
     ranks = {t.shape[2] for t in terms.values() if t.shape[2] > 1}
-    n_positions = min(ranks) if ranks else 1
+    if n_positions is None:
+        n_positions = min(ranks) if ranks else 1
+    positive_int("n_positions", n_positions)
     per_position = torch.zeros(n, k, n_positions, dtype=features.dtype, device=features.device)
     shared = torch.zeros(n, k, dtype=features.dtype, device=features.device)
     for t in terms.values():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -332,3 +333,27 @@ def test_position_values_split_a_group_over_its_sequence_positions():
     assert torch.allclose(per_position.sum(2) + shared, total, atol=1e-12)
     token_row, _ = ef.search.position_values(feats, "embed.weight[4,:]", by="contribution")
     assert bool((token_row[:, 0][tokens != 4] == 0).all()) and bool((token_row[:, 0][tokens == 4] != 0).any())
+
+
+def test_position_values_fold_the_rank_terms_of_every_quadrature_node():
+    torch.manual_seed(0)
+    model = TokenModel(d=32, h=32).to(F64)  # 2 nodes × 5 positions of rank terms stay low-rank
+    init = perturbed(model, 0.3, seed=7)
+    tokens = torch.randint(0, 12, (9, 5), generator=torch.Generator().manual_seed(8))
+    feats = ef.DualModel(model, init, readout=0, order="path", nodes=2, progress=False).features(tokens)
+    per_position, shared = ef.search.position_values(feats, "mix.weight[2,:]", by="contribution", n_positions=5)
+    assert per_position.shape == (9, 1, 5)
+    total = ef.search.feature_values(feats, "mix.weight[2,:]", by="contribution")
+    assert torch.allclose(per_position.sum(2) + shared, total, atol=1e-12)
+    # the split of one weight's value: the quadrature-weighted sum of each node's own split at θ0 + t Δθ
+    got, _ = ef.search.position_values(feats, "mix.weight[2,3]", n_positions=5)
+    want = torch.zeros_like(got)
+    trained = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for t, w in zip(*ef.dual.gauss_legendre(2)):
+        at_node = copy.deepcopy(model)
+        at_node.load_state_dict({k: init[k] + t * (trained[k] - init[k]) for k in trained})
+        node = ef.DualModel(at_node, init, readout=0, order="trained", progress=False).features(tokens)
+        want += w * ef.search.position_values(node, "mix.weight[2,3]", n_positions=5)[0]
+    assert torch.allclose(got, want, atol=1e-12) and bool(got.abs().sum() > 0)
+    with pytest.raises(ef.ConfigError, match="n_positions"):
+        ef.search.position_values(feats, "mix.weight[2,:]", n_positions=0)

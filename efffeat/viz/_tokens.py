@@ -65,7 +65,7 @@ def rows_html(title: str, rows: list[TokenRow], note: str = "") -> str:
         )
     foot = f"<div style='color:#55607a;font-size:12px'>{html.escape(note)}</div>" if note else ""
     return (
-        "<div class='ef-tokens' style='margin:6px 0 10px'>"
+        "<div class='ef-tokens' style='margin:6px 0 10px;font-family:Helvetica,Arial,sans-serif'>"
         f"<div style='font-weight:600;font-size:13px;margin-bottom:2px'>{html.escape(title)}</div>"
         f"{''.join(lines)}{foot}</div>"
     )

@@ -262,8 +262,9 @@ def _id_view(dual: Any, feats: Any, fid: str, component: int | None, ex: Example
         picture_name = f"{slot.state_name}, {where}"
     positions = None
     if ex.kind == "tokens":
-        per_position, shared = position_values(feats, fid, "value" if single else "contribution")
-        if per_position.shape[2] == ex.inputs.reshape(len(ex), -1).shape[1]:  # one rank term per token
+        length = ex.inputs.reshape(len(ex), -1).shape[1]
+        per_position, shared = position_values(feats, fid, "value" if single else "contribution", length)
+        if bool(per_position.any()) or not bool(shared.any()):  # some factor kept its per-token terms
             positions = (to_numpy(per_position[:, k]), to_numpy(shared[:, k]))
     note = "" if contributions.shape[1] == 1 else f"readout component {k} of {contributions.shape[1]}"
     return FeatureView(
@@ -398,7 +399,8 @@ def _tokens_html(
             )
         note = _zeros_note(entry)
         if view.positions is None:
-            note = " · ".join(n for n in (note, "no per-position split for this feature") if n)
+            why = "no per-position split: its factors hold no per-token terms (stored dense, or read all at once)"
+            note = " · ".join(n for n in (note, why) if n)
         blocks.append(_tokens.rows_html(f"{which} {len(rows)} examples by {view.ranked_name}", rows, note))
     return "<div class='ef-dashboard-tokens'>" + "".join(blocks) + "</div>"
 

@@ -108,7 +108,7 @@ def _induction(vocab: int = 16, length: int = 10, steps: int = 300) -> viz.dashb
         opt.step()
     model.eval()
     data = sequences(256, 10**6)
-    dual = ef.DualModel(model, init, readout=ef.readouts.logit(position=-1), order="path")
+    dual = ef.DualModel(model, init, readout=ef.readouts.logit(position=-1), order="path", nodes=3)
     an = ef.analyse(dual, data, group="head", n_eigen=0)
     return viz.feature_dashboard(
         dual, an.table.ids[0], data=data, features=an.features, table=an.table, completeness=an.completeness()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from . import groups, ids, io, spectra
+from . import groups, ids, io, readouts, spectra
 from ._version import __version__
 from .analysis import Analysis, analyse
 from .dual import ORDERS, CompletenessWarning, DualModel, PrecisionWarning
@@ -117,6 +117,7 @@ __all__ = [
     "max_activating",
     "metrics",
     "rank",
+    "readouts",
     "register_baseline",
     "register_criterion",
     "register_rule",

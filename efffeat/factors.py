@@ -83,6 +83,11 @@ class Factor(ABC):
         """``[N, K]``: ``Σ_m w_m G[n, k, flat_m]`` for a sparse weight vector `sel` on this parameter."""
 
     @abstractmethod
+    def selected_terms(self, sel: Selection) -> Tensor:
+        """``[N, K, R]``: `selected` split over the factor's R rank terms (sequence positions, uses, orders);
+        a layout without rank terms gives ``R = 1``. Summed over the last axis it is `selected`."""
+
+    @abstractmethod
     def sq_sum(self, weights: Tensor | None = None) -> Tensor:
         """``[numel]``: ``Σ_{n,k} w[n, k] G[n, k]²`` entrywise (``w [N, K]`` defaults to 1)."""
 
@@ -236,6 +241,10 @@ class LowRankFactor(Factor):
     def selected(self, sel: Selection) -> Tensor:
         rows, cols, block = sel.block
         return ((self.u[..., rows] @ block.to(self.u.dtype)) * self.v[..., cols]).sum(dim=(2, 3))
+
+    def selected_terms(self, sel: Selection) -> Tensor:
+        rows, cols, block = sel.block
+        return ((self.u[..., rows] @ block.to(self.u.dtype)) * self.v[..., cols]).sum(dim=3)
 
     def sq_sum(self, weights: Tensor | None = None) -> Tensor:
         """``G² = Σ_{r,s} (u_r ⊙ u_s) ⊗ (v_r ⊙ v_s)``, a matmul over the ``(n, k, r, s)`` axis; the side that is
@@ -404,6 +413,9 @@ class DenseFactor(Factor):
 
     def selected(self, sel: Selection) -> Tensor:
         return self.g[..., sel.flat] @ sel.w.to(self.g.dtype)
+
+    def selected_terms(self, sel: Selection) -> Tensor:
+        return self.selected(sel)[..., None]
 
     def sq_sum(self, weights: Tensor | None = None) -> Tensor:
         sq = self.g.square()

@@ -11,17 +11,28 @@ What a "feature" is here, and its value at an input x:
 - a feature id ``"0.weight[3,1]"``: ``φ^E_μ(x)`` (``by="value"``) or ``c_μ(x) = Δθ_μ φ^E_μ(x)``
   (``by="contribution"``);
 - a group id (``"0.weight[3,:]"`` neuron with its bias, ``"0.weight[:,1]"`` input, ``"0.weight"`` tensor,
-  ``"blocks.0.attn.head[2]"`` head): the group's summed contribution ``Σ_{μ∈G} c_μ(x)`` (either `by`);
+  ``"blocks.0.attn.head[2]"`` head): the group's **signed contribution** ``Σ_{μ∈G} c_μ(x)`` — its share of the
+  readout change at x, positive where the group pushes the readout up (``by="value"`` and
+  ``by="contribution"`` alike); ``by="norm"`` gives ``‖φ^E_G(x)‖ = (Σ_{μ∈G} φ^E_μ(x)²)^½``, how strongly
+  the group's features respond to x whatever the sign of Δθ (the activation-like view; for one feature
+  ``|φ^E_μ(x)|``);
 - an eigenfeature ``eig[i]`` (or ``(eig, i)``): the projection ``φ^E(x)·d_i`` on its parameter direction
   (``by="contribution"``: ``(Δθ·d_i)(φ^E(x)·d_i)``, its share of the output change);
 - a callable ``fn(features_of_batch) -> [n] | [n, K]`` of the batch's `EffectiveFeatures`.
 
-Every value except a callable's is linear in the features, ``Σ_μ w_μ φ^E_μ(x)``, and is evaluated on the
-factors restricted to the rows and columns the weights touch.
+Exact zeros: a group's contribution is exactly 0 wherever none of its features is used (a dead unit, a
+readout that reads another class's logit, a pixel that is always blank). With ``skip_zeros=True`` (the
+default) such ties at 0 are left out of the lists whenever the feature has non-zero values, and counted in
+``TopKEntry.n_zero``; a top list then holds the largest non-zero values, a bottom list the smallest
+(most negative first).
+
+Every value except a callable's and a norm is linear in the features, ``Σ_μ w_μ φ^E_μ(x)``, and is
+evaluated on the factors restricted to the rows and columns the weights touch.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +42,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import io
-from ._check import positive_int
+from ._check import one_of, positive_int
 from ._data import as_batches
 from ._savable import register
 from .dual import DualModel
@@ -39,11 +50,13 @@ from .errors import ConfigError, DataError, FeatureIdError, SaveFileError
 from .factors import Selection
 from .features import ORDERS, EffectiveFeatures
 from .groups import group_positions, n_heads_of
-from .ids import FeatureIds
+from .ids import FeatureIds, ParamSlot
 from .spectra import Eigenfeature, Spectrum
 
 # The per-example quantities examples are sorted by (the ranking criteria of `efffeat.rank` summarise them).
-BY = ("value", "contribution")
+BY = ("value", "contribution", "norm")
+# Entries of a group's features evaluated at once by a norm (elements of the [n, K, m] block).
+_NORM_CHUNK_ELEMENTS = 1 << 22
 FeatureSpec = str | Eigenfeature | tuple | Callable[[EffectiveFeatures], Tensor]
 
 
@@ -86,14 +99,38 @@ class _Functional:
         return out
 
 
+@dataclass
+class _GroupNorm:
+    """``‖φ^E_G(x, k)‖``: the norm of a group's features, per parameter tensor the flat positions ``[m]``."""
+
+    parts: dict[str, Tensor]
+
+    def __call__(self, feats: EffectiveFeatures) -> Tensor:
+        """``[n, K]`` norms on a batch's features (the entries are formed a chunk of positions at a time)."""
+        sq = torch.zeros(feats.n_examples, feats.n_outputs, dtype=feats.dtype, device=feats.device)
+        step = max(1, _NORM_CHUNK_ELEMENTS // max(1, feats.n_examples * feats.n_outputs))
+        for name, flat in self.parts.items():
+            for chunk in flat.split(step):
+                sq += feats.factors[name].entries(chunk.to(feats.device)).square().sum(dim=2)
+        return sq.sqrt()
+
+
+def _by_tensor(space: _Space, positions: Tensor) -> list[tuple[ParamSlot, Tensor]]:
+    """The parameter tensors flat feature positions ``[m]`` fall in, each with the mask ``[m]`` of its own."""
+    inside = [(s, (positions >= s.offset) & (positions < s.offset + s.numel)) for s in space.ids.slots]
+    return [(s, mask) for s, mask in inside if bool(mask.any())]
+
+
+def _parts(space: _Space, positions: Tensor) -> dict[str, Tensor]:
+    """``{named_parameters name: local flat positions}`` of flat feature positions ``[m]``."""
+    return {s.name: positions[mask] - s.offset for s, mask in _by_tensor(space, positions)}
+
+
 def _functional(space: _Space, positions: Tensor, weights: Tensor) -> _Functional:
     """Group flat feature positions ``[m]`` and weights ``[m]`` by parameter tensor."""
-    parts = {}
-    for s in space.ids.slots:
-        inside = (positions >= s.offset) & (positions < s.offset + s.numel)
-        if bool(inside.any()):
-            parts[s.name] = Selection(s.shape, positions[inside] - s.offset, weights[inside])
-    return _Functional(parts)
+    return _Functional(
+        {s.name: Selection(s.shape, positions[m] - s.offset, weights[m]) for s, m in _by_tensor(space, positions)}
+    )
 
 
 def _resolve(space: _Space, spec: FeatureSpec, by: str) -> tuple[str, Callable[[EffectiveFeatures], Tensor]]:
@@ -101,9 +138,16 @@ def _resolve(space: _Space, spec: FeatureSpec, by: str) -> tuple[str, Callable[[
     if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], Spectrum):
         spec = spec[0][spec[1]]
     if isinstance(spec, Eigenfeature):
+        if by == "norm":
+            raise ConfigError(
+                f"by='norm' is the norm of a group's features; {spec.id} is one direction: search it by='value' "
+                "(its projection φᴱ(x)·dᵢ) or by='contribution'"
+            )
         return spec.id, _eigen_functional(space, spec, by)
     if isinstance(spec, str):
         positions = group_positions(space.ids, spec, space.n_heads)
+        if by == "norm":
+            return spec.strip(), _GroupNorm(_parts(space, positions))
         single = space.ids.parse(spec).kind == "param"
         delta = space.delta
         weights = torch.ones_like(delta[positions]) if single and by == "value" else delta[positions]
@@ -155,6 +199,7 @@ def max_activating(
     batch_size: int = 256,
     largest: bool = True,
     progress: bool = True,
+    skip_zeros: bool = True,
 ) -> TopK:
     """The `k` (example, component) pairs with the largest (or smallest) value of each feature.
 
@@ -164,14 +209,17 @@ def max_activating(
         data: with a `DualModel`, a tensor, an ``(inputs, targets)`` tuple, or any iterable of batches.
         features: one or a list of feature ids, group ids, eigenfeatures, callables (module docstring).
         k: pairs kept per feature.
-        by: ``"value"`` (φ^E) or ``"contribution"`` (Δθ_μ φ^E_μ) for single features and eigenfeatures.
+        by: ``"value"`` (φ^E; a group's signed contribution), ``"contribution"`` (Δθ_μ φ^E_μ) or ``"norm"``
+            (a group's ‖φ^E_G(x)‖).
         batch_size: examples per batch for tensor data.
-        largest: top-k (True) or bottom-k (False).
+        largest: top-k (True) or bottom-k (False, most negative first).
         progress: a tqdm bar over batches.
+        skip_zeros: leave pairs whose value is exactly 0 out of the lists when the feature has non-zero
+            values (they are counted in ``n_zero``); False keeps the plain stable sort.
 
     Returns:
-        `TopK`: ``result[feature].indices`` (example indices into the data, in order of the stream),
-        ``.components``, ``.values``, ``.examples(data)``.
+        `TopK`: ``result[feature].indices`` (example indices into the data, in order of the stream; at most
+        k, fewer when zeros were skipped), ``.components``, ``.values``, ``.n_zero``, ``.examples(data)``.
 
     Example::
 
@@ -179,9 +227,10 @@ def max_activating(
         top = ef.max_activating(feats, ["0.weight[3,:]"], k=16)       # from features already computed
         top["0.weight[3,:]"].examples(x)
     """
-    if by not in BY:
-        raise ConfigError(f"unknown by={by!r}; choose 'value' or 'contribution'")
+    one_of("by", by, BY)
     positive_int("k", k)
+    if not isinstance(skip_zeros, bool):
+        raise ConfigError(f"skip_zeros must be True or False, got {skip_zeros!r}")
     if isinstance(source, EffectiveFeatures):
         if features is None:
             data, features = None, data
@@ -208,6 +257,7 @@ def max_activating(
         raise DataError(f"k={k} is larger than the data ({known} examples); pass k ≤ {known}")
     best_values: Tensor | None = None
     best_pairs: Tensor | None = None
+    zeros = torch.zeros(len(labels), dtype=torch.long)
     offset, n_outputs, scalar = 0, 1, True
     for feats in stream:
         n = feats.n_examples
@@ -215,12 +265,12 @@ def max_activating(
         values = _evaluate(labels, [fn for _, fn in resolved], feats).reshape(
             len(labels), n * n_outputs
         )  # pairs example-major: (x, k) at x·K + k
+        zeros += (values == 0).sum(dim=1).cpu()
         pairs = torch.arange(offset * n_outputs, (offset + n) * n_outputs).expand(len(labels), -1)
         if best_values is not None and best_pairs is not None:
             values = torch.cat([best_values, values], dim=1)
             pairs = torch.cat([best_pairs, pairs], dim=1)
-        order = torch.sort(values, dim=1, descending=largest, stable=True).indices[:, :k]
-        best_values, best_pairs = values.gather(1, order), pairs.gather(1, order)
+        best_values, best_pairs = _best(values, pairs, k, largest, skip_zeros)
         offset += n
     if best_values is None or best_pairs is None:
         raise DataError("data is empty; pass at least one example")
@@ -229,11 +279,87 @@ def max_activating(
             f"k={k} is larger than the data ({offset} examples × {n_outputs} components); pass k ≤ {offset * n_outputs}"
         )
     entries = {
-        label: TopKEntry(best_pairs[i] // n_outputs, best_values[i], None if scalar else best_pairs[i] % n_outputs)
+        label: _entry(best_values[i], best_pairs[i], int(zeros[i]), n_outputs, scalar, skip_zeros)
         for i, label in enumerate(labels)
     }
-    meta = {"k": k, "by": by, "largest": largest, "n_examples": offset, "n_outputs": n_outputs, "order": source.order}
+    meta = {
+        "k": k,
+        "by": by,
+        "largest": largest,
+        "skip_zeros": skip_zeros,
+        "n_examples": offset,
+        "n_outputs": n_outputs,
+        "order": source.order,
+    }
     return TopK(labels, entries, meta, _originals={id(s): lab for s, lab in zip(specs, labels)})
+
+
+def _best(values: Tensor, pairs: Tensor, k: int, largest: bool, skip_zeros: bool) -> tuple[Tensor, Tensor]:
+    """The k best of ``values [m, n]`` per row (stable: ties keep the earlier pair); with `skip_zeros`, exact
+    zeros rank after every non-zero value (they are dropped later if any non-zero value is kept)."""
+    key = values
+    if skip_zeros:
+        key = values.masked_fill(values == 0, -math.inf if largest else math.inf)
+    order = torch.sort(key, dim=1, descending=largest, stable=True).indices[:, :k]
+    return values.gather(1, order), pairs.gather(1, order)
+
+
+def _entry(values: Tensor, pairs: Tensor, n_zero: int, n_outputs: int, scalar: bool, skip_zeros: bool) -> TopKEntry:
+    """One feature's `TopKEntry` from its kept ``values [k]`` and example-major ``pairs [k]``."""
+    if skip_zeros:
+        keep = values != 0
+        if bool(keep.any()):
+            values, pairs = values[keep], pairs[keep]
+    n_zero -= int((values == 0).sum())
+    return TopKEntry(pairs // n_outputs, values, None if scalar else pairs % n_outputs, n_zero)
+
+
+def best_examples(values: Tensor, k: int, largest: bool = True, skip_zeros: bool = True) -> TopKEntry:
+    """The `max_activating` selection of one feature's values over a dataset, ``values [N]``: the k largest
+    (or smallest) examples, exact zeros skipped as there."""
+    v = torch.as_tensor(values).reshape(1, -1)
+    chosen, pairs = _best(v, torch.arange(v.shape[1])[None], min(k, v.shape[1]), largest, skip_zeros)
+    return _entry(chosen[0], pairs[0], int((v == 0).sum()), 1, True, skip_zeros)
+
+
+def feature_values(features: EffectiveFeatures, feature: FeatureSpec, by: str = "value") -> Tensor:
+    """``[N, K]``: the value of one feature, group, eigenfeature or callable on every (example, component)
+    pair, exactly as `max_activating` ranks them (module docstring)."""
+    one_of("by", by, BY)
+    label, fn = _resolve(_Space.of(features), feature, by)
+    return _evaluate([label], [fn], features)[0]
+
+
+def position_values(
+    features: EffectiveFeatures, feature: str, by: str = "value", n_positions: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """A feature's or group's value split over the positions of its sequences.
+
+    The features of a sequence model sum over positions (``∂z/∂W = Σ_t δ_t a_tᵀ``); the factors keep one
+    rank term per position, in blocks of T (one block per use of a weight, order term or quadrature node).
+    Returns ``(per_position [N, K, T], shared [N, K])``: the part of the value carried by each of the T
+    positions, and the part no position carries alone (biases, norm gains, factors stored dense); they add up
+    to `feature_values`. n_positions: T, the sequence length (default: the fewest rank terms of any factor).
+    """
+    one_of("by", by, ("value", "contribution"))
+    label, fn = _resolve(_Space.of(features), feature, by)
+    if not isinstance(fn, _Functional):
+        raise ConfigError(f"{label!r} is not a feature or group id; per-position values need one")
+    n, k = features.n_examples, features.n_outputs
+    terms = {name: features.factors[name].selected_terms(sel) for name, sel in fn.parts.items()}
+    ranks = {t.shape[2] for t in terms.values() if t.shape[2] > 1}
+    if n_positions is None:
+        n_positions = min(ranks) if ranks else 1
+    positive_int("n_positions", n_positions)
+    per_position = torch.zeros(n, k, n_positions, dtype=features.dtype, device=features.device)
+    shared = torch.zeros(n, k, dtype=features.dtype, device=features.device)
+    for t in terms.values():
+        r = t.shape[2]
+        if r > 1 and r % n_positions == 0:
+            per_position += t.expand(n, k, r).reshape(n, k, r // n_positions, n_positions).sum(dim=2)
+        else:
+            shared += t.expand(n, k, r).sum(dim=2)
+    return per_position, shared
 
 
 def _evaluate(labels: list[str], fns: list[Callable[[EffectiveFeatures], Tensor]], feats: EffectiveFeatures) -> Tensor:
@@ -280,14 +406,17 @@ class TopKEntry:
     """The top-k of one feature.
 
     Attributes:
-        indices: ``[k]`` example indices (positions in the stream of examples), best first.
-        values: ``[k]`` the feature's values there.
-        components: ``[k]`` readout components of each pair (None for a scalar readout).
+        indices: ``[k']`` example indices (positions in the stream of examples), best first; k' ≤ k when
+            exact zeros were skipped.
+        values: ``[k']`` the feature's values there.
+        components: ``[k']`` readout components of each pair (None for a scalar readout).
+        n_zero: (example, component) pairs whose value is exactly 0 and that are not listed.
     """
 
     indices: Tensor
     values: Tensor
     components: Tensor | None = None
+    n_zero: int = 0
 
     def examples(self, data: Any) -> Any:
         """The top-k inputs of tensor data (``[k, ...]``; a tuple of tensors gives a tuple)."""
@@ -345,7 +474,8 @@ class TopK:
         for label in self.features[:10]:
             e = self.entries[label]
             shown = ", ".join(f"{i}:{v:.3g}" for i, v in zip(e.indices[:5].tolist(), e.values[:5].tolist()))
-            lines.append(f"  {label}: {shown}{', ...' if len(e.indices) > 5 else ''}")
+            zeros = f" ({e.n_zero} at 0 not listed)" if e.n_zero else ""
+            lines.append(f"  {label}: {shown}{', ...' if len(e.indices) > 5 else ''}{zeros}")
         return "\n".join(lines)
 
     # ---- persistence ----------------------------------------------------------------------------------
@@ -357,7 +487,8 @@ class TopK:
             tensors[f"{i}.values"] = e.values
             if e.components is not None:
                 tensors[f"{i}.components"] = e.components
-        return tensors, {"kind": "TopK", "features": list(self.features), "meta": dict(self.meta)}
+        n_zero = [self.entries[label].n_zero for label in self.features]
+        return tensors, {"kind": "TopK", "features": list(self.features), "meta": dict(self.meta), "n_zero": n_zero}
 
     @classmethod
     def validate_state(cls, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
@@ -398,8 +529,11 @@ class TopK:
 
     @classmethod
     def from_state(cls, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> TopK:
+        n_zero = meta.get("n_zero") or [0] * len(meta["features"])
         entries = {
-            label: TopKEntry(tensors[f"{i}.indices"], tensors[f"{i}.values"], tensors.get(f"{i}.components"))
+            label: TopKEntry(
+                tensors[f"{i}.indices"], tensors[f"{i}.values"], tensors.get(f"{i}.components"), int(n_zero[i])
+            )
             for i, label in enumerate(meta["features"])
         }
         return cls(list(meta["features"]), entries, dict(meta["meta"]))
@@ -443,8 +577,7 @@ def synthesize(
     Token (integer) inputs cannot be optimised by gradients: use `max_activating` over the whole input space
     (e.g. every (a, b) pair of a modular-addition model).
     """
-    if by not in BY:
-        raise ConfigError(f"unknown by={by!r}; choose 'value' or 'contribution'")
+    one_of("by", by, ("value", "contribution"))
     if callable(feature) and not isinstance(feature, Eigenfeature):
         raise ConfigError("synthesize needs a feature id, group id or eigenfeature (a callable is not differentiable)")
     label, functional = _resolve(_Space.of(dual), feature, by)

@@ -1,10 +1,11 @@
 """Regenerate the screenshots in docs/screenshots/ with headless Chromium.
 
-    python scripts/make_screenshots.py            # docs/screenshots/report.png and dashboard.png
+    python scripts/make_screenshots.py     # report.png, dashboard.png and tokens.png
 
 Trains the digits MLP of the zoo (seeded, about a minute on a laptop CPU), writes its report and the dashboard
-of its top first-layer unit, and photographs both. Needs Chromium (``apt-get install chromium`` or
-``$CHROMIUM``).
+of its top first-layer unit; trains a 2-layer attention-only TransformerBridge on induction (half a minute)
+and draws the dashboard of its top head, with highlighted tokens and attention patterns; photographs all
+three. Needs Chromium (``apt-get install chromium`` or ``$CHROMIUM``).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 import efffeat as ef
 from efffeat import viz, zoo
-from efffeat.ranking import rank
 from efffeat.viz._chromium import find_chromium, render
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,36 +34,85 @@ def main(argv: list[str]) -> int:
         print("no Chromium found: apt-get install chromium, or set $CHROMIUM", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    run = zoo.digits_mlp(hidden=(32,), seed=0).train(steps=args.steps)
-    print(f"digits MLP: {run.evaluate()}")
-    x, y = run.data
-    data = (x[: args.examples], y[: args.examples])
-    dual = ef.DualModel(run.model, init=run.init_state, readout=run.readout, order="nlo")
-    feats = dual.features(data)
-    table = rank(feats, by="contribution", group="neuron")
-    unit = next(fid for fid in table.ids if fid.startswith("0.weight"))
+    torch.manual_seed(0)
+    consoles = []
     with tempfile.TemporaryDirectory() as tmp:
-        report = viz.report(
-            dual,
-            data,
-            Path(tmp) / "report.html",
-            features=feats,
-            table=table,
-            top=3,
-            title="efffeat report: digits MLP",
-        )
-        shot = render(report, screenshot=args.out / "report.png", size=(1280, 2000))
-        dashboard = viz.feature_dashboard(dual, unit, data=data, features=feats, table=table)
-        page = Path(tmp) / "dashboard.html"
-        dashboard.write_html(page, include_plotlyjs=True, config={"displaylogo": False})
-        size = (int(dashboard.layout.width) + 40, int(dashboard.layout.height) + 40)
-        shot_dashboard = render(page, screenshot=args.out / "dashboard.png", size=size)
-    for console in (shot.console, shot_dashboard.console):
+        report, dashboard = _digits(args.steps, args.examples, Path(tmp))
+        consoles.append(render(report, screenshot=args.out / "report.png", size=(1280, 2400)).console)
+        consoles += [_photograph(dashboard, Path(tmp) / "dashboard.html", args.out / "dashboard.png")]
+        consoles += [_photograph(_induction(), Path(tmp) / "tokens.html", args.out / "tokens.png")]
+    for console in consoles:
         if console:
             print("the page logged:", *console, sep="\n  ", file=sys.stderr)
             return 1
-    print(f"wrote {args.out / 'report.png'} and {args.out / 'dashboard.png'} (dashboard of {unit})")
+    print(f"wrote report.png, dashboard.png and tokens.png to {args.out}")
     return 0
+
+
+def _photograph(dashboard: viz.dashboard.Dashboard, page: Path, png: Path) -> list[str]:
+    dashboard.write_html(page)
+    fig = dashboard.figure
+    tokens = 40 + 34 * dashboard.examples_html.count("class='ef-seq'") if dashboard.examples_html else 0
+    return render(page, screenshot=png, size=(int(fig.layout.width) + 40, int(fig.layout.height) + 40 + tokens)).console
+
+
+def _digits(steps: int, examples: int, tmp: Path) -> tuple[Path, viz.dashboard.Dashboard]:
+    """The digits MLP's report and the dashboard of its top first-layer unit."""
+    run = zoo.digits_mlp(hidden=(32,), seed=0).train(steps=steps)
+    print(f"digits MLP: {run.evaluate()}")
+    x, y = run.data
+    data = (x[:examples], y[:examples])
+    dual = ef.DualModel(run.model, init=run.init_state, readout=run.readout, order="nlo")
+    an = ef.analyse(dual, data, by="contribution", group="neuron")
+    report = viz.report(an, tmp / "report.html", top=3, title="efffeat report: digits MLP")
+    unit = next(fid for fid in an.table.ids if fid.startswith("0.weight"))
+    dashboard = viz.feature_dashboard(
+        dual, unit, data=data, features=an.features, table=an.table, completeness=an.completeness()
+    )
+    return report, dashboard
+
+
+def _induction(vocab: int = 16, length: int = 10, steps: int = 300) -> viz.dashboard.Dashboard:
+    """The dashboard of the top head of a 2-layer attention-only bridge trained on induction: in a sequence of
+    distinct tokens whose last one appeared once before, answer with the token that followed it."""
+    from transformer_lens import TransformerBridge, TransformerBridgeConfig
+
+    cfg = TransformerBridgeConfig(
+        d_model=64,
+        d_head=16,
+        n_layers=2,
+        n_heads=4,
+        n_ctx=length,
+        d_vocab=vocab,
+        attn_only=True,
+        act_fn="relu",
+        normalization_type=None,
+        seed=0,
+    )
+    model = TransformerBridge.boot_native(cfg)
+    init = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def sequences(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        tokens = torch.stack([torch.randperm(vocab, generator=g)[:length] for _ in range(n)])
+        earlier = torch.randint(0, length - 2, (n,), generator=g)
+        tokens[:, -1] = tokens[torch.arange(n), earlier]
+        return tokens, tokens[torch.arange(n), earlier + 1]
+
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step in range(steps):
+        x, answers = sequences(256, step)
+        loss = torch.nn.functional.cross_entropy(model(x)[:, -1], answers)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    data = sequences(256, 10**6)
+    dual = ef.DualModel(model, init, readout=ef.readouts.logit(position=-1), order="path", nodes=3)
+    an = ef.analyse(dual, data, group="head", n_eigen=0)
+    return viz.feature_dashboard(
+        dual, an.table.ids[0], data=data, features=an.features, table=an.table, completeness=an.completeness()
+    )
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ LAYERS: dict[str, int] = {
     "efffeat.factors": 2,
     "efffeat.ids": 2,
     "efffeat.readout": 2,
+    "efffeat.readouts": 2,
     "efffeat.rules": 3,
     "efffeat.groups": 3,
     "efffeat.capture": 4,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -31,10 +32,14 @@ def setup():
     return dual, x, dual.features(x)
 
 
-def brute_top(values: torch.Tensor, k: int, largest: bool = True):
-    """Top-k of ``[N, K]`` values over (example, component) pairs by one stable sort of everything."""
+def brute_top(values: torch.Tensor, k: int, largest: bool = True, skip_zeros: bool = True):
+    """Top-k of ``[N, K]`` values over (example, component) pairs by one stable sort of everything; exact zeros
+    are left out when any value is not zero (and `skip_zeros`)."""
     flat = values.reshape(-1)
-    order = torch.sort(flat, descending=largest, stable=True).indices[:k]
+    pairs = torch.arange(flat.numel())
+    if skip_zeros and bool((flat != 0).any()):
+        pairs = pairs[flat != 0]
+    order = pairs[torch.sort(flat[pairs], descending=largest, stable=True).indices[:k]]
     return order // values.shape[1], order % values.shape[1], flat[order]
 
 
@@ -160,8 +165,12 @@ def test_bad_input_gives_clear_errors(setup):
         max_activating(dual, [], "0.weight[1,2]", progress=False)
     with pytest.raises(ef.FeatureIdError, match="Did you mean '0.weight'"):
         max_activating(dual, x, "0.wieght[1,2]", progress=False)
-    with pytest.raises(ef.ConfigError, match="by="):
+    with pytest.raises(ef.ConfigError, match="unknown by 'rms'"):
         max_activating(dual, x, "0.weight[1,2]", by="rms", progress=False)
+    with pytest.raises(ef.ConfigError, match="skip_zeros"):
+        max_activating(dual, x, "0.weight[1,2]", skip_zeros=1, progress=False)
+    with pytest.raises(ef.ConfigError, match="one direction"):
+        max_activating(dual, x, eigenfeatures(dual.features(x), k=1)[0], by="norm", progress=False)
     with pytest.raises(ef.ConfigError, match="returned"):
         max_activating(dual, x, lambda fb: fb.delta_z()[:2], progress=False)
     with pytest.raises(ef.ConfigError, match="cannot search"):
@@ -233,3 +242,118 @@ def _group_direction(dual, gid):
     w["0.bias"][1] = dual.delta["0.bias"][1]
     assert gid == "0.weight[1,:]"
     return w
+
+
+# ---- group semantics: signed contributions, exact zeros, norms, positions --------------------------------
+def correct_logit(output, batch):
+    return output.gather(1, batch[1][:, None])[:, 0]
+
+
+def test_group_lists_skip_zero_ties_and_the_bottom_list_is_most_negative():
+    torch.manual_seed(0)
+    model = mlp(5, (6,), 4).to(F64)
+    init = perturbed(model, 0.3, seed=5)
+    x = torch.randn(60, 5, dtype=F64, generator=torch.Generator().manual_seed(6))
+    y = torch.arange(60) % 4
+    feats = ef.DualModel(model, init, readout=correct_logit, order="trained", progress=False).features((x, y))
+    gid = "2.weight[1,:]"  # the output row of class 1 with its bias: it takes no part in the other classes' logits
+    pos = ef.groups.group_positions(feats.ids, gid)
+    want = feats.dense()[:, pos] @ feats.flat_delta()[pos]
+    assert int((want == 0).sum()) == 45 and bool((want[y == 1] != 0).all())
+    top = max_activating(feats, gid, k=20)[gid]
+    assert len(top.values) == 15 and bool((top.values != 0).all()) and top.n_zero == 45
+    assert torch.allclose(top.values, torch.sort(want[y == 1], descending=True).values, atol=1e-12)
+    bottom = max_activating(feats, gid, k=8, largest=False)[gid]
+    assert torch.allclose(bottom.values, torch.sort(want[y == 1]).values[:8], atol=1e-12)  # the most negative first
+    assert bool((bottom.values < 0).all()) and bottom.n_zero == 45
+    plain = max_activating(feats, gid, k=20, skip_zeros=False)[gid]
+    idx, _, val = brute_top(want[:, None], 20, skip_zeros=False)
+    assert torch.equal(plain.indices, idx) and torch.allclose(plain.values, val, atol=1e-12)
+    assert bool((plain.values == 0).any())
+    assert plain.n_zero == 45 - int((plain.values == 0).sum())
+    back = TopK.from_state(*max_activating(feats, gid, k=20).to_state())
+    assert back[gid].n_zero == 45 and "(45 at 0 not listed)" in repr(back)
+
+
+def test_norm_of_a_group_is_the_norm_of_its_features(setup):
+    dual, x, feats = setup
+    ids = feats.ids
+    groups = {
+        "0.weight[3,:]": [ids.index(f"0.weight[3,{j}]") for j in range(4)] + [ids.index("0.bias[3]")],
+        "2.weight[:,0]": [ids.index(f"2.weight[{o},0]") for o in range(3)],
+        "0.weight": list(range(28)),
+        "0.weight[2,1]": [ids.index("0.weight[2,1]")],
+    }
+    top = max_activating(dual, x, list(groups), k=6, by="norm", batch_size=9, progress=False)
+    for gid, pos in groups.items():
+        want = feats.dense()[:, :, pos].square().sum(-1).sqrt()
+        assert torch.allclose(ef.search.feature_values(feats, gid, by="norm"), want, atol=1e-12)
+        idx, comp, val = brute_top(want, 6)
+        assert torch.equal(top[gid].indices, idx) and torch.equal(top[gid].components, comp), gid
+        assert torch.allclose(top[gid].values, val, atol=1e-12)
+    signed = ef.search.feature_values(feats, "0.weight[3,:]", by="value")
+    pos = torch.tensor(groups["0.weight[3,:]"])
+    assert torch.allclose(signed, feats.dense()[:, :, pos] @ feats.flat_delta()[pos], atol=1e-12)
+
+
+class TokenModel(nn.Module):
+    """Embedding → Linear per position → tanh → flatten → Linear: a readout that reads every position (layers
+    wide enough that their factors stay low-rank, one rank term per position)."""
+
+    def __init__(self, vocab: int = 12, d: int = 16, h: int = 16, t: int = 5):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.mix = nn.Linear(d, h)
+        self.out = nn.Linear(t * h, 1)
+
+    def forward(self, tokens):
+        return self.out(torch.tanh(self.mix(self.embed(tokens))).flatten(1))
+
+
+def test_position_values_split_a_group_over_its_sequence_positions():
+    torch.manual_seed(0)
+    model = TokenModel().to(F64)
+    init = perturbed(model, 0.3, seed=7)
+    tokens = torch.randint(0, 12, (9, 5), generator=torch.Generator().manual_seed(8))
+    feats = ef.DualModel(model, init, readout=0, order="trained", progress=False).features(tokens)
+    per_position, shared = ef.search.position_values(feats, "mix.weight[2,:]", by="contribution")
+    assert per_position.shape == (9, 1, 5) and shared.shape == (9, 1)
+    # by hand: the cotangent δ_t of unit 2's pre-activation at each position, times ΔW_2 · a_t (and Δb_2, shared)
+    y = model.mix(model.embed(tokens))
+    y.retain_grad()
+    model.out(torch.tanh(y).flatten(1)).sum().backward()
+    a = model.embed(tokens).detach()
+    d_w, d_b = dict(model.named_parameters())["mix.weight"].detach() - init["mix.weight"], (
+        dict(model.named_parameters())["mix.bias"].detach() - init["mix.bias"]
+    )
+    want = y.grad[:, :, 2] * (a @ d_w[2])
+    assert torch.allclose(per_position[:, 0], want, atol=1e-12)
+    assert torch.allclose(shared[:, 0], y.grad[:, :, 2].sum(1) * d_b[2], atol=1e-12)
+    total = ef.search.feature_values(feats, "mix.weight[2,:]", by="contribution")
+    assert torch.allclose(per_position.sum(2) + shared, total, atol=1e-12)
+    token_row, _ = ef.search.position_values(feats, "embed.weight[4,:]", by="contribution")
+    assert bool((token_row[:, 0][tokens != 4] == 0).all()) and bool((token_row[:, 0][tokens == 4] != 0).any())
+
+
+def test_position_values_fold_the_rank_terms_of_every_quadrature_node():
+    torch.manual_seed(0)
+    model = TokenModel(d=32, h=32).to(F64)  # 2 nodes × 5 positions of rank terms stay low-rank
+    init = perturbed(model, 0.3, seed=7)
+    tokens = torch.randint(0, 12, (9, 5), generator=torch.Generator().manual_seed(8))
+    feats = ef.DualModel(model, init, readout=0, order="path", nodes=2, progress=False).features(tokens)
+    per_position, shared = ef.search.position_values(feats, "mix.weight[2,:]", by="contribution", n_positions=5)
+    assert per_position.shape == (9, 1, 5)
+    total = ef.search.feature_values(feats, "mix.weight[2,:]", by="contribution")
+    assert torch.allclose(per_position.sum(2) + shared, total, atol=1e-12)
+    # the split of one weight's value: the quadrature-weighted sum of each node's own split at θ0 + t Δθ
+    got, _ = ef.search.position_values(feats, "mix.weight[2,3]", n_positions=5)
+    want = torch.zeros_like(got)
+    trained = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for t, w in zip(*ef.dual.gauss_legendre(2)):
+        at_node = copy.deepcopy(model)
+        at_node.load_state_dict({k: init[k] + t * (trained[k] - init[k]) for k in trained})
+        node = ef.DualModel(at_node, init, readout=0, order="trained", progress=False).features(tokens)
+        want += w * ef.search.position_values(node, "mix.weight[2,3]", n_positions=5)[0]
+    assert torch.allclose(got, want, atol=1e-12) and bool(got.abs().sum() > 0)
+    with pytest.raises(ef.ConfigError, match="n_positions"):
+        ef.search.position_values(feats, "mix.weight[2,:]", n_positions=0)

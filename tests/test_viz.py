@@ -60,7 +60,7 @@ def test_dashboard_single_weight_draws_autograd_values(digits):
     grads = per_example_grads(digits.model, digits.x, digits.y)
     want = grads["0.weight"][:, 3, 20].numpy()
     delta = float(digits.dual.delta["0.weight"][3, 20])
-    fig = viz.feature_dashboard(digits.dual, fid, data=digits.data, features=digits.feats, n_examples=6)
+    fig = viz.feature_dashboard(digits.dual, fid, data=digits.data, features=digits.feats, n_examples=6).figure
     hist_values, hist_contrib = traces(fig, "histogram")
     np.testing.assert_allclose(hist_values.x, want, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(hist_contrib.x, delta * want, rtol=1e-10, atol=1e-12)
@@ -85,17 +85,21 @@ def test_dashboard_neuron_group_is_its_summed_contribution(digits):
     grads = per_example_grads(digits.model, digits.x, digits.y)
     d = digits.dual.delta
     want = (grads["0.weight"][:, 5] * d["0.weight"][5]).sum(1) + grads["0.bias"][:, 5] * d["0.bias"][5]
-    fig = viz.feature_dashboard(digits.dual, "0.weight[5,:]", data=digits.data, features=digits.feats)
-    values, contributions = traces(fig, "histogram")
-    np.testing.assert_allclose(values.x, want.numpy(), rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(contributions.x, want.numpy(), rtol=1e-10, atol=1e-12)
-    assert "65 features" in " ".join(titles(fig))  # 64 weights and the bias
+    norm = (grads["0.weight"][:, 5].square().sum(1) + grads["0.bias"][:, 5].square()).sqrt()
+    fig = viz.feature_dashboard(digits.dual, "0.weight[5,:]", data=digits.data, features=digits.feats).figure
+    norms, contributions = traces(fig, "histogram")
+    np.testing.assert_allclose(norms.x, norm.numpy(), rtol=1e-10, atol=1e-12)  # how strongly its features respond
+    np.testing.assert_allclose(contributions.x, want.numpy(), rtol=1e-10, atol=1e-12)  # its signed contribution
+    assert "norm of its 65 features" in " ".join(titles(fig))  # 64 weights and the bias
+    shown = [int(m) for m in re.findall(r"#(\d+)", " ".join(titles(fig)))]
+    assert shown[:8] == torch.argsort(-want, stable=True)[:8].tolist()  # ordered by the signed contribution
+    assert shown[8:] == torch.argsort(want, stable=True)[:8].tolist()  # the most negative first
     assert not traces(fig, "scatter")  # no single entry to mark
 
 
 def test_dashboard_rank_and_score_from_the_table(digits):
     table = rank(digits.feats, by="contribution", group="neuron")
-    fig = viz.feature_dashboard(digits.dual, table.ids[1], data=digits.data, features=digits.feats, table=table)
+    fig = viz.feature_dashboard(digits.dual, table.ids[1], data=digits.data, features=digits.feats, table=table).figure
     assert f"rank 2 of {len(table)} by contribution (neuron), score {float(table.scores[1]):.4g}" in (
         fig.layout.title.text
     )
@@ -104,13 +108,15 @@ def test_dashboard_rank_and_score_from_the_table(digits):
 def test_dashboard_uses_the_top_k_it_is_given(digits):
     fid = "2.weight[4,:]"
     topk = SimpleNamespace(indices=torch.tensor([7, 3, 11]))
-    fig = viz.feature_dashboard(digits.dual, fid, {fid: topk}, data=digits.data, features=digits.feats, n_examples=3)
+    fig = viz.feature_dashboard(
+        digits.dual, fid, {fid: topk}, data=digits.data, features=digits.feats, n_examples=3
+    ).figure
     assert [int(m) for m in re.findall(r"#(\d+)", " ".join(titles(fig)))][:3] == [7, 3, 11]
 
 
 def test_dashboard_eigenfeature(digits):
     eig = eigenfeatures(digits.feats, k=4)
-    fig = viz.feature_dashboard(digits.dual, eig[1], data=digits.data, features=digits.feats)
+    fig = viz.feature_dashboard(digits.dual, eig[1], data=digits.data, features=digits.feats).figure
     values, contributions = traces(fig, "histogram")
     direction = eig.directions(1)
     projected = digits.feats.matvec(direction)  # φᴱ(x)·d_1
@@ -122,7 +128,7 @@ def test_dashboard_eigenfeature(digits):
 
 def test_dashboard_neuron_activations(digits):
     acts = neurons(digits.model, digits.x, "1")  # the Tanh after the first layer
-    fig = viz.feature_dashboard(digits.dual, "1[3]", data=digits.data, features=acts, n_examples=4)
+    fig = viz.feature_dashboard(digits.dual, "1[3]", data=digits.data, features=acts, n_examples=4).figure
     (hist,) = traces(fig, "histogram")
     want = torch.tanh(digits.model[0](digits.x))[:, 3].detach()
     np.testing.assert_allclose(hist.x, want.numpy(), rtol=1e-12)
@@ -131,7 +137,7 @@ def test_dashboard_neuron_activations(digits):
     assert any("no contribution" in t for t in titles(fig))
 
 
-def test_dashboard_tokens_as_text_and_low_dimensional_inputs_as_tables():
+def test_dashboard_tokens_as_highlighted_text_and_low_dimensional_inputs_as_tables():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(7, 4), nn.Flatten(), nn.Linear(12, 1))
     init = {k: v.clone() for k, v in model.state_dict().items()}
@@ -141,17 +147,29 @@ def test_dashboard_tokens_as_text_and_low_dimensional_inputs_as_tables():
     tokens = torch.randint(0, 6, (30, 3))
     tokens[:, 2] = 6
     dual = ef.DualModel(model, init=init, readout=0, progress=False)
-    fig = viz.feature_dashboard(dual, "2.weight[0,:]", data=tokens, n_examples=4, decode=lambda t: f"{t[0]} + {t[1]} =")
-    tables = traces(fig, "table")
-    assert len(tables) == 2
-    texts = tables[0].cells.values[-1]
+    names = {6: "="}
+    dash = viz.feature_dashboard(
+        dual, "2.weight[0,:]", data=tokens, n_examples=4, token_text=lambda t: names.get(t, str(t))
+    )
+    spans = re.findall(r"<span class='ef-tok'[^>]*>([^<]*)</span>", dash.examples_html)
+    assert len(spans) == 2 * 4 * 3 and spans[2::3] == ["="] * 8  # one span per token of the top and bottom 4
+    assert "no per-position split" in dash.examples_html  # the last Linear reads the flattened sequence
+    # its row is drawn in the shape of what it reads: 3 positions × 4 embedding dimensions
+    (theta, delta) = [t for t in traces(dash.figure, "heatmap")]
+    np.testing.assert_allclose(theta.z, model[2].weight[0].detach().reshape(3, 4).numpy(), rtol=1e-6)
+    table = viz.feature_dashboard(
+        dual, "2.weight[0,:]", data=tokens, n_examples=4, input_kind="table", decode=lambda t: f"{t[0]} + {t[1]} ="
+    ).figure
+    texts = traces(table, "table")[0].cells.values[-1]
     assert len(texts) == 4 and all(re.fullmatch(r"\d \+ \d =", t) for t in texts)
     low = torch.randn(25, 3)
     mlp = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
     init = {k: v.clone() for k, v in mlp.state_dict().items()}
     with torch.no_grad():
         mlp[0].weight.add_(0.2)
-    fig = viz.feature_dashboard(ef.DualModel(mlp, init=init, readout=0, progress=False), "0.weight[1,2]", data=low)
+    fig = viz.feature_dashboard(
+        ef.DualModel(mlp, init=init, readout=0, progress=False), "0.weight[1,2]", data=low
+    ).figure
     first = traces(fig, "table")[0]
     i = int(first.cells.values[0][0])
     assert first.cells.values[-1][0] == "[" + ", ".join(f"{v:.3g}" for v in low[i].tolist()) + "]"
@@ -165,9 +183,11 @@ def test_dashboard_vector_readout_picks_the_component_it_contributes_to():
         model.weight[2, 1] += 1.0
     x = torch.randn(20, 3)
     dual = ef.DualModel(model, init=init, readout="output", progress=False)
-    fig = viz.feature_dashboard(dual, "weight[2,:]", data=x)
+    fig = viz.feature_dashboard(dual, "weight[2,:]", data=x).figure
     assert "readout component 2" in fig.layout.title.text
-    np.testing.assert_allclose(traces(fig, "histogram")[0].x, x[:, 1].numpy(), rtol=1e-6)
+    norms, contributions = traces(fig, "histogram")
+    np.testing.assert_allclose(contributions.x, x[:, 1].numpy(), rtol=1e-6)  # only W[2, 1] changed, by 1
+    np.testing.assert_allclose(norms.x, (x.square().sum(1) + 1).sqrt().numpy(), rtol=1e-6)  # weights and the bias
     with pytest.raises(ef.ConfigError, match="component=5"):
         viz.feature_dashboard(dual, "weight[2,:]", data=x, component=5)
 
@@ -346,7 +366,138 @@ def test_report_is_written_atomically(digits, tmp_path, monkeypatch):
 def test_figures_are_valid_plotly(digits):
     for fig in (
         viz.ranking(rank(digits.feats)),
-        viz.feature_dashboard(digits.dual, "2.weight[0,:]", data=digits.data, features=digits.feats),
+        viz.feature_dashboard(digits.dual, "2.weight[0,:]", data=digits.data, features=digits.feats).figure,
     ):
         assert isinstance(fig, go.Figure)
         go.Figure(fig.to_dict())  # round-trips through plotly's validation
+
+
+# ---- pictures with meaning, zeros, signed spectra, the report's words ----------------------------------------
+def heatmap_pictures(fig):
+    return [t for t in traces(fig, "heatmap") if t.zmid == 0]
+
+
+@pytest.fixture(scope="module")
+def tiny_cnn():
+    """A 1→2-channel 3×3 convolution, 2×2 max-pool and a Linear on 20 digits (float64; the exact fallback)."""
+    from sklearn.datasets import load_digits
+
+    torch.manual_seed(0)
+    d = load_digits()
+    x = torch.tensor(d.data[:20], dtype=F64).reshape(-1, 1, 8, 8) / 16
+    y = torch.tensor(d.target[:20])
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(18, 10)).to(F64)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    with pytest.warns(ef.FallbackWarning):
+        dual = ef.DualModel(model, init=init, readout=correct_logit, order="trained", progress=False)
+        feats = dual.features((x, y))
+    return SimpleNamespace(model=model, dual=dual, feats=feats, data=(x, y))
+
+
+def test_convolution_filters_are_drawn_as_kernels(tiny_cnn):
+    w = tiny_cnn.model[0].weight.detach()
+    fig = viz.feature_dashboard(tiny_cnn.dual, "0.weight[1,0,2,1]", data=tiny_cnn.data, features=tiny_cnn.feats).figure
+    theta, _ = heatmap_pictures(fig)
+    np.testing.assert_array_equal(theta.z, w[1, 0].numpy())  # out channel 1's 3×3 kernel (one input channel)
+    assert [(m.y[0], m.x[0]) for m in traces(fig, "scatter")] == [(2, 1), (2, 1)]  # the weight, marked
+    fig = viz.feature_dashboard(tiny_cnn.dual, "0.weight", data=tiny_cnn.data, features=tiny_cnn.feats).figure
+    theta, _ = heatmap_pictures(fig)
+    z = np.array(theta.z, dtype=float)
+    assert z.shape == (2 * 4 - 1, 3)  # out × in tiles of 3×3, one blank row between them
+    np.testing.assert_array_equal(z[:3], w[0, 0].numpy())
+    np.testing.assert_array_equal(z[4:], w[1, 0].numpy())
+    assert np.isnan(z[3]).all()
+
+
+def test_a_linear_row_is_drawn_in_the_shape_of_what_it_reads(tiny_cnn):
+    w = tiny_cnn.model[4].weight.detach()  # reads the flattened [2, 3, 3] pooled maps
+    fig = viz.feature_dashboard(tiny_cnn.dual, "4.weight[3,:]", data=tiny_cnn.data, features=tiny_cnn.feats).figure
+    theta, _ = heatmap_pictures(fig)
+    z = np.array(theta.z, dtype=float)
+    assert z.shape == (3, 2 * 4 - 1)  # the two channels side by side
+    np.testing.assert_array_equal(z[:, :3], w[3, :9].reshape(3, 3).numpy())
+    np.testing.assert_array_equal(z[:, 4:], w[3, 9:].reshape(3, 3).numpy())
+
+
+def test_norm_gains_are_bars_and_a_cyclic_embedding_is_a_fourier_spectrum():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 1)).to(F64)
+    init = {k: v.clone() for k, v in mlp.state_dict().items()}
+    with torch.no_grad():
+        mlp[1].weight.add_(0.3 * torch.randn(6, dtype=F64))
+    x = torch.randn(30, 4, dtype=F64)
+    dual = ef.DualModel(mlp, init=init, readout=0, progress=False)
+    fig = viz.feature_dashboard(dual, "1.weight[2]", data=x).figure
+    theta, delta = traces(fig, "bar")
+    np.testing.assert_allclose(theta.y, mlp[1].weight.detach().numpy())
+    np.testing.assert_allclose(delta.y, (mlp[1].weight - init["1.weight"]).detach().numpy())
+    assert list(theta.marker.line.width) == [0, 0, 2, 0, 0, 0]  # the gain of unit 2, outlined
+    p = 7
+    model = nn.Sequential(nn.Embedding(p + 1, 4), nn.Flatten(), nn.Linear(8, 1)).to(F64)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model[0].weight[:p, 1] += torch.cos(2 * math.pi * 2 * torch.arange(p, dtype=F64) / p)
+    tokens = torch.stack([torch.arange(14) % p, torch.full((14,), p)], dim=1)
+    dual = ef.DualModel(model, init=init, readout=0, progress=False)
+    fig = viz.feature_dashboard(dual, "0.weight[:,1]", data=tokens, cyclic=p).figure
+    theta, delta = traces(fig, "bar")
+    np.testing.assert_allclose(theta.y, ef.spectra.frequency_norms(model[0].weight[:p, 1:2].detach()).numpy())
+    assert list(theta.x) == [1, 2, 3] and int(np.argmax(delta.y)) == 1  # Δθ is the planted frequency 2
+    assert "over the 7 residues" in fig.layout.title.text
+
+
+def test_a_group_top_list_skips_examples_where_it_takes_no_part(digits):
+    fid = "2.weight[4,:]"  # the output row of digit 4: the correct-class logit reads it only on 4s
+    dash = viz.feature_dashboard(digits.dual, fid, data=digits.data, features=digits.feats, n_examples=6)
+    shown = [int(m) for m in re.findall(r"#(\d+)", " ".join(titles(dash.figure)))]
+    fours = int((digits.y == 4).sum())
+    assert all(int(digits.y[i]) == 4 for i in shown)  # top and bottom: only 4s, no example at 0
+    assert titles(dash.figure).count(f"{len(digits.y) - fours} examples at exactly 0 not listed") == 2
+
+
+def test_signed_spectra_use_the_magnitude_and_keep_the_sign(digits):
+    from dataclasses import replace
+
+    eig = eigenfeatures(digits.feats, k=4)
+    signed = replace(eig, values=eig.values * torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=F64))
+    fig = viz.spectrum(signed)
+    np.testing.assert_allclose(fig.data[0].y, eig.values.numpy())
+    assert "2 negative" in fig.layout.title.text and fig.layout.yaxis.title.text == "|eigenvalue|"
+    dash = viz.feature_dashboard(digits.dual, signed[1], data=digits.data, features=digits.feats)
+    values, _ = traces(dash.figure, "histogram")
+    np.testing.assert_allclose(values.x, digits.feats.matvec(eig.directions(1)).numpy(), rtol=1e-8, atol=1e-10)
+    assert "(negative)" in dash.figure.layout.title.text
+    top = ef.max_activating(digits.feats, signed[1], k=3)
+    assert torch.equal(top[0].indices, ef.max_activating(digits.feats, eig[1], k=3)[0].indices)
+
+
+def test_the_report_explains_its_numbers_and_warns_of_a_large_residual(digits, tmp_path):
+    assert viz.html_report.completeness_warning(0.05, "nlo", {"init": 0.2}) == ""
+    warning = viz.html_report.completeness_warning(0.5, "nlo", {"nlo": 0.5, "init": 0.9, "path": 0.01})
+    assert "50% of the change unexplained" in warning and "order='path'" in warning
+    assert "broken down" in viz.html_report.completeness_warning(1.3, "init", {"init": 1.3})
+    an = ef.Analysis(digits.dual, digits.data, features=digits.feats, n_eigen=3)
+    text = viz.report(an, tmp_path / "r.html", top=1).read_text()
+    assert "Completeness residual</b> r =" in text and "It can exceed 100 %" in text
+    assert f"order of the features shown</th><td>trained (completeness residual {an.completeness():.3g})" in text
+    assert ("<div class='warning'>" in text) == (an.completeness() > viz.html_report.LARGE_RESIDUAL)
+
+
+def test_a_dashboard_is_one_page_with_its_sequences(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(7, 4), nn.Flatten(), nn.Linear(12, 1))
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model[0].weight.add_(0.1)
+    tokens = torch.randint(0, 7, (20, 3))
+    dash = viz.feature_dashboard(
+        ef.DualModel(model, init=init, readout=0, progress=False), "0.weight[2,:]", data=tokens
+    )
+    page = dash.write_html(tmp_path / "dashboard.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.count(get_plotlyjs()) == 1
+    assert page.index("ef-tokens") < page.index("plotly-graph-div")  # the sequences, then the figure
+    assert dash.examples_html in dash.to_html(full_html=False, include_plotlyjs=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["dashboard.html"]

@@ -9,7 +9,7 @@ method.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import io
-from .._data import as_batches, batch_inputs
+from .._data import as_batches, forward_batch
 from .._savable import register
 from .._swap import kept_modes
 from ..errors import ConfigError, DataError, FeatureIdError
@@ -122,17 +122,16 @@ def neurons(
     """Read the activations of module `layer` over `data`.
 
     model: any module; layer: a name from ``model.named_modules()`` (e.g. ``"1"`` for the ReLU of an
-    ``nn.Sequential`` MLP); at: ``"output"`` (the module's output) or ``"input"`` (its first input, e.g. the
+    ``nn.Sequential`` MLP) or, for TransformerLens models, a hook name as ``run_with_cache`` gives it
+    (``"blocks.1.attn.hook_pattern"``, ``"blocks.0.mlp.hook_post"``) or a component path (``"blocks.0.mlp.out"``),
+    `find_module`; at: ``"output"`` (the module's output) or ``"input"`` (its first input, e.g. the
     post-activation hidden units entering an MLP's output projection); position: for sequence activations
     ``[N, T, d]``, the position read (default the last). data: a tensor, ``(inputs, targets)`` or an iterable
     of batches. Returns `NeuronActivations` with ``values [N, d]`` (float32 or the model's dtype).
     """
     if at not in ("output", "input"):
         raise ConfigError(f"at must be 'output' or 'input', got {at!r}")
-    modules = dict(model.named_modules())
-    if layer not in modules:
-        names = [n for n in modules if n][:12]
-        raise ConfigError(f"the model has no module {layer!r}; modules include: {', '.join(names)}")
+    module = find_module(model, layer)
     chunks: list[Tensor] = []
 
     def hook(module: nn.Module, args: tuple, output: Any) -> None:
@@ -144,13 +143,38 @@ def neurons(
             t = t[:, position]
         chunks.append(t.reshape(t.shape[0], -1))
 
-    handle = modules[layer].register_forward_hook(hook)
+    handle = module.register_forward_hook(hook)
     try:
         with torch.no_grad(), kept_modes(model, training=False):
             for batch in as_batches(data, batch_size):
-                model(batch_inputs(batch))
+                forward_batch(model, batch)
     finally:
         handle.remove()
     if not chunks:
         raise DataError("data is empty; pass at least one example")
     return NeuronActivations(torch.cat(chunks), layer, at)
+
+
+def find_module(model: nn.Module, name: str) -> nn.Module:
+    """The submodule `name` names: a ``model.named_modules()`` name, a TransformerLens hook name
+    (``model.hook_dict``: ``"blocks.1.attn.hook_pattern"``, what ``run_with_cache`` calls it) or an attribute
+    path (``"blocks.0.mlp.out"``, the bridge's component names)."""
+    if not isinstance(name, str):
+        raise ConfigError(f"a layer is named by a string such as 'blocks.0.mlp.hook_post', got {name!r}")
+    modules = dict(model.named_modules())
+    if name in modules:
+        return modules[name]
+    hooks = getattr(model, "hook_dict", None)
+    if isinstance(hooks, Mapping) and isinstance(hooks.get(name), nn.Module):
+        return hooks[name]
+    found: Any = model
+    for part in name.split("."):
+        try:
+            found = getattr(found, part)
+        except AttributeError:
+            found = None
+            break
+    if isinstance(found, nn.Module) and found is not model:
+        return found
+    names = [n for n in (list(hooks) if isinstance(hooks, Mapping) else []) + list(modules) if n][:12]
+    raise ConfigError(f"the model has no module {name!r}; modules and hooks include: {', '.join(names)}")

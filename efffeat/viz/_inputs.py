@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from ..errors import ConfigError, DataError
@@ -39,7 +38,7 @@ class Examples:
     def text(self, i: int) -> str:
         """Example i as text: decoded tokens, or the input values rounded."""
         x = self.inputs[i].detach().cpu()
-        if self.kind == "tokens":
+        if not (x.is_floating_point() or x.is_complex()):
             tokens = [int(t) for t in x.reshape(-1)]
             return self.decode(tokens) if self.decode else " ".join(str(t) for t in tokens)
         flat = x.double().reshape(-1).numpy()
@@ -107,26 +106,7 @@ def _image_shape(inputs: Tensor) -> tuple[int, int] | None:
     return None
 
 
-def as_image(vector: Tensor, image_shape: tuple[int, int] | None) -> np.ndarray:
-    """A parameter row as a picture: ``[H, W]`` when it has the input's image size, else ``[1, d]``/``[d0, d1]``."""
-    v = vector.detach().double().cpu()
-    if image_shape is not None and v.numel() == math.prod(image_shape):
-        return v.reshape(image_shape).numpy()
-    if v.ndim <= 1:
-        return v.reshape(1, -1).numpy()
-    return v.reshape(v.shape[0], -1).numpy()
-
-
 def to_numpy(t: Tensor | np.ndarray | Sequence[float]) -> np.ndarray:
     if isinstance(t, Tensor):
         return t.detach().double().cpu().numpy()
     return np.asarray(t, dtype=float)
-
-
-def top_bottom(values: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of the `n` largest values (descending) and the `n` smallest (ascending)."""
-    v = torch.as_tensor(values)
-    n = min(n, len(v))
-    top = torch.argsort(-v, stable=True)[:n]
-    bottom = torch.argsort(v, stable=True)[:n]
-    return top.numpy(), bottom.numpy()

@@ -56,37 +56,49 @@ def spectrum(eigenfeatures: Any, cliffs: Sequence[int] | None = None) -> go.Figu
     """Eigenvalues on a log scale, largest first, with the spectral cliff(s) marked.
 
     eigenfeatures: ``ef.eigenfeatures(...)`` (``.values``, ``.cliff``), a `Spectrum` (``.eigenvalues``) or a
-    ``[k]`` tensor. cliffs: mode indices i after which the spectrum drops (default: the result's own).
+    ``[k]`` tensor. cliffs: mode indices i after which the spectrum drops (default: the result's own, for a
+    spectrum without negative values). A spectrum with negative eigenvalues (a kernel change) is drawn by |λ|,
+    the negative ones as open red markers.
     """
     values = _eigenvalues(eigenfeatures)
     if values.size == 0:
         raise DataError("the spectrum is empty; there is nothing to draw")
-    cliffs = _cliffs(eigenfeatures) if cliffs is None else [int(c) for c in cliffs]
+    negative = values < 0
+    if cliffs is None:
+        cliffs = [] if negative.any() else _cliffs(eigenfeatures)
+    cliffs = [int(c) for c in cliffs]
+    magnitude = np.abs(values)
     modes = np.arange(len(values))
     fig = go.Figure(
         go.Scatter(
             x=modes,
-            y=values,
+            y=magnitude,
             mode="lines+markers",
-            marker={"size": 6, "color": COLORS[0]},
+            marker={
+                "size": 7,
+                "color": np.where(negative, COLORS[3], COLORS[0]).tolist(),
+                "symbol": np.where(negative, "circle-open", "circle").tolist(),
+            },
             line={"color": COLORS[0]},
-            hovertemplate="mode %{x}<br>λ = %{y:.4g}<extra></extra>",
+            customdata=values,
+            hovertemplate="mode %{x}<br>λ = %{customdata:.4g}<extra></extra>",
         )
     )
     for c in cliffs:
         if 0 <= c < len(values) - 1:
-            drop = values[c] / values[c + 1] if values[c + 1] > 0 else math.inf
+            drop = magnitude[c] / magnitude[c + 1] if magnitude[c + 1] > 0 else math.inf
             fig.add_vline(
                 x=c + 0.5,
                 line={"dash": "dash", "color": COLORS[3]},
                 annotation_text=f"cliff after mode {c} (×{drop:.3g})",
                 annotation_position="top right",
             )
+    signed = f", {int(negative.sum())} negative (open markers)" if negative.any() else ""
     fig.update_layout(
         template=TEMPLATE,
-        title={"text": f"Spectrum of the effective kernel ({len(values)} modes)", "x": 0.01},
+        title={"text": f"Spectrum of the effective kernel ({len(values)} modes{signed})", "x": 0.01},
         xaxis_title="mode",
-        yaxis={"type": "log", "title": "eigenvalue", "exponentformat": "power"},
+        yaxis={"type": "log", "title": "|eigenvalue|" if negative.any() else "eigenvalue", "exponentformat": "power"},
         height=420,
         margin={"l": 60, "r": 30, "t": 60, "b": 50},
     )

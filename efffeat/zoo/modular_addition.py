@@ -8,7 +8,7 @@ The analysis data is every pair: ``run.data = (tokens [p², 3], labels [p²])``,
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -124,6 +124,11 @@ def _decode(tokens: Sequence[int]) -> str:
     return f"{tokens[0]} + {tokens[1]} ="
 
 
+def _token_text(p: int) -> Callable[[int], str]:
+    """One token as text: its number, or ``=`` for the token p."""
+    return lambda t: "=" if t == p else str(t)
+
+
 def _probe(config: dict) -> Probe:
     """The MLP's hidden units (the input of its output projection); W₁ is the MLP's input weight.
 
@@ -207,7 +212,11 @@ register(
         probe=_probe,
         score=_score,
         figures=lambda run: {"Fourier view of the embedding": fourier_figure(run)},
-        dashboard_options=lambda run: {"decode": _decode},
+        dashboard_options=lambda run: {
+            "decode": _decode,
+            "token_text": _token_text(run.config["p"]),
+            "cyclic": run.config["p"],  # the numbers 0 … p − 1: embedding columns as Fourier spectra
+        },
         check=_check,
     ),
 )

@@ -500,6 +500,7 @@ class TopK:
             "n_examples": io.whole(1),
             "n_outputs": io.whole(1),
             "order": io.text(ORDERS),
+            "skip_zeros": io.flag,
         }
         m = io.record(
             meta,
@@ -508,8 +509,11 @@ class TopK:
                 "kind": io.text(("TopK",)),
                 "features": io.list_of(io.text(), unique=True),
                 "meta": lambda v, where: io.record(v, where, about),
+                "n_zero": io.list_of(io.whole(0)),
             },
         )
+        if len(m["n_zero"]) != len(m["features"]):
+            raise SaveFileError("meta.n_zero needs one count per feature")
         n, n_outputs, k = m["meta"]["n_examples"], m["meta"]["n_outputs"], m["meta"]["k"]
         names, with_components = set(), {f"{i}.components" in tensors for i in range(len(m["features"]))}
         if len(with_components) > 1:
@@ -529,7 +533,7 @@ class TopK:
 
     @classmethod
     def from_state(cls, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> TopK:
-        n_zero = meta.get("n_zero") or [0] * len(meta["features"])
+        n_zero = meta["n_zero"]
         entries = {
             label: TopKEntry(
                 tensors[f"{i}.indices"], tensors[f"{i}.values"], tensors.get(f"{i}.components"), int(n_zero[i])

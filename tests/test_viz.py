@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -391,7 +392,8 @@ def tiny_cnn():
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    with pytest.warns(ef.FallbackWarning):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ef.FallbackWarning)  # convolutions are factored
         dual = ef.DualModel(model, init=init, readout=correct_logit, order="trained", progress=False)
         feats = dual.features((x, y))
     return SimpleNamespace(model=model, dual=dual, feats=feats, data=(x, y))

@@ -124,7 +124,8 @@ class Factor(ABC):
 
     @abstractmethod
     def stacked_outputs(self, w: Tensor) -> Factor:
-        """The factor of ``G̃[n] = (√w_1 G[n, 1], …, √w_K G[n, K])`` (K axis of length 1, K·numel entries).
+        """A factor with K axis 1 whose per-example gradient ``G̃[n]`` holds every ``√w_k G[n, k]`` (K·numel entries,
+        in an order of the layout's choosing; layouts of one parameter choose alike).
 
         Its Gram is the component-diagonal kernel: ``⟨G̃[n], G̃'[m]⟩ = Σ_k w_k ⟨G[n, k], G'[m, k]⟩``.
         """
@@ -330,22 +331,35 @@ class LowRankFactor(Factor):
                 for one in sq.reshape(-1, d0, d1):  # example by example while the chunk is in cache
                     out += one
             return out.reshape(-1)
-        first, second = torch.triu_indices(r, r, device=u.device)
-        twice = torch.where(first == second, 1.0, 2.0).to(u.dtype)
-        step = max(1, _CHUNK_ELEMENTS // max(1, max(ku, kv) * len(first) * (d0 + d1)))
+        pairs = [(i, j) for i in range(r) for j in range(i, r)]
+        step = max(1, _CHUNK_ELEMENTS // max(1, max(ku, kv) * len(pairs) * (d0 + d1)))
         for s in range(0, n, step):
-            us, vs = u[s : s + step], v[s : s + step]
-            uu = us[:, :, first] * us[:, :, second]  # [n, Ku, pairs, d0]
-            vv = vs[:, :, first] * (vs[:, :, second] * twice[:, None] if r > 1 else vs[:, :, second])
+            uu, vv = self._rank_pair_products(pairs, s, s + step)  # [n, Ku, pairs, d0], [n, Kv, pairs, d1]
             w = None if weights is None else weights[s : s + step, :, None, None]
             if kv == 1:
-                uu = (uu if w is None else uu * w).sum(1, keepdim=True)
+                uu = uu if w is None else uu * w
+                uu = uu.sum(1, keepdim=True) if uu.shape[1] > 1 else uu
             elif ku == 1:
-                vv = (vv if w is None else vv * w).sum(1, keepdim=True)
+                vv = vv if w is None else vv * w
+                vv = vv.sum(1, keepdim=True) if vv.shape[1] > 1 else vv
             elif w is not None:
                 uu = uu * w
-            out += uu.reshape(-1, d0).T @ vv.reshape(-1, d1)
+            out.addmm_(uu.reshape(-1, d0).T, vv.reshape(-1, d1))
         return out.reshape(-1)
+
+    def _rank_pair_products(self, pairs: list[tuple[int, int]], start: int, stop: int) -> tuple[Tensor, Tensor]:
+        """``u_r ⊙ u_s`` and ``(2 − [r=s]) v_r ⊙ v_s`` of examples ``start:stop`` for the rank-term pairs given."""
+        u, v = self.u[start:stop], self.v[start:stop]
+        if pairs == [(0, 0)]:
+            return u.square(), v.square()
+        uu = u.new_empty(u.shape[0], u.shape[1], len(pairs), u.shape[-1])
+        vv = v.new_empty(v.shape[0], v.shape[1], len(pairs), v.shape[-1])
+        for p, (i, j) in enumerate(pairs):
+            torch.mul(u[:, :, i], u[:, :, j], out=uu[:, :, p])
+            torch.mul(v[:, :, i], v[:, :, j], out=vv[:, :, p])
+            if i != j:
+                vv[:, :, p] *= 2
+        return uu, vv
 
     def sq_norms(self) -> Tensor:
         """``‖Σ_r u_r ⊗ v_r‖² = Σ_{r,s} (u_r·u_s)(v_r·v_s)``: ``‖u‖²‖v‖²`` for one term, two batched ``[R, R]`` Grams

@@ -194,7 +194,8 @@ def rank(
         scores = scores.sqrt() if crit.aggregate == "rms" else scores
         labels = names
         sizes = torch.zeros(len(names), dtype=torch.long).index_add_(0, gid, torch.ones_like(gid))
-    order = _sort_descending(scores.abs() if crit.signed else scores, top)
+    order, values = _sort_descending(scores.abs() if crit.signed else scores, top)
+    values = scores[order] if crit.signed else values
     meta = {
         "n_examples": features.n_examples,
         "n_outputs": features.n_outputs,
@@ -204,25 +205,26 @@ def rank(
     group_name = group if isinstance(group, str) else "custom"
     if labels is None:
         return FeatureTable(
-            _Labels(features.ids, order), scores[order], group_name, by, torch.ones(len(order), dtype=torch.long), meta
+            _Labels(features.ids, order), values, group_name, by, torch.ones(len(order), dtype=torch.long), meta
         )
-    return FeatureTable([labels[i] for i in order.tolist()], scores[order], group_name, by, sizes[order], meta)
+    return FeatureTable([labels[i] for i in order.tolist()], values, group_name, by, sizes[order], meta)
 
 
-def _sort_descending(key: Tensor, top: int | None = None) -> Tensor:
-    """``[P]`` (or the first `top`) positions of `key` by descending value, ties in position order: the stable sort.
+def _sort_descending(key: Tensor, top: int | None = None) -> tuple[Tensor, Tensor]:
+    """The positions of `key` by descending value, ties in position order (the stable sort), and the values in
+    that order; all ``P`` of them, or the first `top`.
 
     float32 keys on the CPU (fewer than 2³¹, no NaN) are packed into one int64 each — the order-preserving
     integer of the float's bits above the position — and sorted by numpy's vectorised sort (``top``: after a
-    linear-time partition); the packed keys are distinct, so any sort of them is the stable sort of the floats.
-    Anything else goes to torch's stable sort.
+    linear-time partition); the packed keys are distinct, so any sort of them is the stable sort of the floats,
+    and the sorted values are read back from them without a gather. Anything else goes to torch's stable sort.
     """
     p = key.numel()
     bits = max(1, (p - 1).bit_length())
     low = float(key.min()) if p and key.dtype == torch.float32 else 0.0  # NaN if there is one
     if key.dtype != torch.float32 or key.device.type != "cpu" or bits > 31 or low != low:
-        order = torch.sort(key, descending=True, stable=True).indices
-        return order if top is None else order[:top]
+        values, order = torch.sort(key, descending=True, stable=True)
+        return (order, values) if top is None else (order[:top], values[:top])
     key = key.detach().contiguous()
     if low <= 0:
         key = key + 0.0  # −0 ties with +0
@@ -235,8 +237,12 @@ def _sort_descending(key: Tensor, top: int | None = None) -> Tensor:
     if top is not None and top < p:
         packed = np.partition(packed, top - 1)[:top]
     packed.sort()
+    sorted_int = (2**31 - 1) - (packed >> bits)
+    if low < 0:
+        np.bitwise_xor(sorted_int, 0x7FFFFFFF, out=sorted_int, where=sorted_int < 0)
+    values = torch.from_numpy(sorted_int.astype(np.int32).view(np.float32))
     packed &= (1 << bits) - 1
-    return torch.from_numpy(packed)
+    return torch.from_numpy(packed), values
 
 
 def per_example_norms(

@@ -349,10 +349,12 @@ def test_sort_is_the_stable_descending_sort(signed, dtype):
     for seed, n in [(0, 1), (1, 2), (2, 37), (3, 1000), (4, 4097)]:
         x = _ties(seed, n, dtype)
         x = x if signed else x.abs()
-        want = torch.sort(x, descending=True, stable=True).indices
-        assert torch.equal(_sort_descending(x), want)
+        values, want = torch.sort(x, descending=True, stable=True)
+        order, got = _sort_descending(x)
+        assert torch.equal(order, want) and torch.equal(got, values + 0.0)  # −0 reads +0
         for top in (1, 3, n):
-            assert torch.equal(_sort_descending(x, top), want[:top])
+            order, got = _sort_descending(x, top)
+            assert torch.equal(order, want[:top]) and torch.equal(got, values[:top] + 0.0)
 
 
 def test_sort_with_nan_follows_torch():
@@ -360,7 +362,10 @@ def test_sort_with_nan_follows_torch():
 
     x = _ties(5, 50)
     x[7] = float("nan")
-    assert torch.equal(_sort_descending(x), torch.sort(x, descending=True, stable=True).indices)
+    values, want = torch.sort(x, descending=True, stable=True)
+    order, got = _sort_descending(x)
+    assert torch.equal(order, want)
+    torch.testing.assert_close(got, values, rtol=0, atol=0, equal_nan=True)
 
 
 def test_ties_rank_in_feature_order():

@@ -325,10 +325,12 @@ class LowRankFactor(Factor):
         out = torch.zeros(d0, d1, dtype=u.dtype, device=u.device)
         if r > 1 and self._per_example_is_cheaper():
             for start, stop, g in self._gradient_chunks(_CACHE_ELEMENTS):
-                sq = g.square_()
-                if weights is not None:
-                    sq = sq.mul_(_component_weights(weights[start:stop], g.shape[1])[:, :, None, None])
-                for one in sq.reshape(-1, d0, d1):  # example by example while the chunk is in cache
+                if weights is None:
+                    for one in g.reshape(-1, d0, d1):  # example by example while the chunk is in cache
+                        out.addcmul_(one, one)
+                    continue
+                sq = g.square_().mul_(_component_weights(weights[start:stop], g.shape[1])[:, :, None, None])
+                for one in sq.reshape(-1, d0, d1):
                     out += one
             return out.reshape(-1)
         pairs = [(i, j) for i in range(r) for j in range(i, r)]

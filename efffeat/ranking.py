@@ -228,21 +228,38 @@ def _sort_descending(key: Tensor, top: int | None = None) -> tuple[Tensor, Tenso
     key = key.detach().contiguous()
     if low <= 0:
         key = key + 0.0  # −0 ties with +0
-    as_int = key.numpy().view(np.int32)
+    floats = key.numpy()
+    positions, zeros = None, None
+    if low == 0:  # zeros sort last, in position order: only the others need sorting (unseen tokens' rows...)
+        positions = np.flatnonzero(floats)
+        if len(positions) > p - p // 8:
+            positions = None
+        else:
+            zeros = np.flatnonzero(floats == 0)
+            floats = floats[positions]
+    as_int = floats.view(np.int32)
     if low < 0:  # negative floats: larger bits are smaller numbers
         np.bitwise_xor(as_int, 0x7FFFFFFF, out=as_int, where=as_int < 0)
     top_key = (2**31 - 1) << bits
     packed = np.multiply(as_int, -(1 << bits), dtype=np.int64)  # ((2³¹ − 1 − int) << bits) + position
-    packed += np.arange(top_key, top_key + p, dtype=np.int64)
-    if top is not None and top < p:
+    if positions is None:
+        packed += np.arange(top_key, top_key + p, dtype=np.int64)
+    else:
+        packed += positions
+        packed += top_key
+    if top is not None and top < len(packed):
         packed = np.partition(packed, top - 1)[:top]
     packed.sort()
     sorted_int = (2**31 - 1) - (packed >> bits)
     if low < 0:
         np.bitwise_xor(sorted_int, 0x7FFFFFFF, out=sorted_int, where=sorted_int < 0)
     values = torch.from_numpy(sorted_int.astype(np.int32).view(np.float32))
-    packed &= (1 << bits) - 1
-    return torch.from_numpy(packed), values
+    order = torch.from_numpy(packed & ((1 << bits) - 1))
+    if zeros is not None:
+        rest = zeros if top is None else zeros[: max(0, top - len(order))]
+        order = torch.cat([order, torch.from_numpy(rest)])
+        values = torch.cat([values, torch.zeros(len(rest), dtype=values.dtype)])
+    return order, values
 
 
 def per_example_norms(

@@ -346,9 +346,10 @@ def _ties(seed: int, n: int, dtype=torch.float32) -> torch.Tensor:
 def test_sort_is_the_stable_descending_sort(signed, dtype):
     from efffeat.ranking import _sort_descending
 
-    for seed, n in [(0, 1), (1, 2), (2, 37), (3, 1000), (4, 4097)]:
+    for seed, n, zeros in [(0, 1, 0), (1, 2, 0), (2, 37, 0), (3, 1000, 0), (4, 4097, 0), (5, 999, 0.9), (6, 64, 1)]:
         x = _ties(seed, n, dtype)
         x = x if signed else x.abs()
+        x[: int(zeros * n)] = 0  # mostly zero scores are sorted apart (rows of tokens that never occur)
         values, want = torch.sort(x, descending=True, stable=True)
         order, got = _sort_descending(x)
         assert torch.equal(order, want) and torch.equal(got, values + 0.0)  # −0 reads +0

@@ -418,8 +418,9 @@ def bridge_job(n: int, repeat: int) -> None:
             j[i] = torch.cat([gi.reshape(-1) for gi in torch.autograd.grad(r, ps)])
         return j @ j.T
 
-    for who, fn in [("torch.func vmap(grad)", func_kernel), ("Opacus GradSampleModule", opacus_kernel),
-                    ("per-example autograd loop", loop_kernel)]:
+    # Opacus last: it leaves hooks and train mode behind in the module tree it wraps
+    for who, fn in [("torch.func vmap(grad)", func_kernel), ("per-example autograd loop", loop_kernel),
+                    ("Opacus GradSampleModule", opacus_kernel)]:
         try:
             (t, k), = interleaved([fn], 1)
         except ImportError as e:

@@ -358,7 +358,7 @@ class EffectiveFeatures:
         )
 
     def sq_sums(self, weights: Tensor | None = None) -> Tensor:
-        """``[P]``: ``Σ_{x,k} w(x, k) φ^E_μ(x, k)²`` for every feature at once, from the factors."""
+        """``[P]`` (a new tensor): ``Σ_{x,k} w(x, k) φ^E_μ(x, k)²`` for every feature at once, from the factors."""
         w = None if weights is None else self._in(weights)
         return torch.cat([self.factors[s.name].sq_sum(w) for s in self.slots])
 

@@ -115,13 +115,9 @@ def _variance(features: EffectiveFeatures, _init: EffectiveFeatures | None) -> T
 
 
 def _contribution(features: EffectiveFeatures, _init: EffectiveFeatures | None) -> Tensor:
-    """``√(Δθ² Σ_{x,k} φ² / NK)``, tensor by tensor in place (one pass over P, when the scores are joined)."""
-    scale = 1.0 / _n_pairs(features)
-    parts = []
-    for s in features.slots:
-        d = features.delta[s.name].reshape(-1)
-        parts.append(features.factors[s.name].sq_sum().mul_(d).mul_(d).mul_(scale).sqrt_())
-    return torch.cat(parts)
+    """``√(Δθ² Σ_{x,k} φ² / NK)``, in place on the fresh sums (no temporaries the size of P)."""
+    d = features.flat_delta()
+    return features.sq_sums().mul_(d).mul_(d).mul_(1.0 / _n_pairs(features)).sqrt_()
 
 
 register_criterion(Criterion("contribution", _contribution))

@@ -19,8 +19,10 @@ order ``"trained"``, so that every tool computes the same per-example gradients)
   norms   ‖g_x‖ of every example, N = 4096: ``ef.per_example_norms(dual, x)`` against BackPACK ``BatchL2Grad``
           and Opacus ghost clipping (``GradSampleModuleFastGradientClipping``).
   bridge  the kernel of a 1-layer mod-add TransformerBridge (d_model 128, 4 heads, d_mlp 512, p = 113), readout
-          the correct answer's logit, N = 1024: efffeat against ``torch.func`` ``vmap(grad)``, Opacus and a
-          per-example autograd loop.
+          the correct answer's logit, N = 1024: efffeat against ``torch.func`` ``vmap(grad)`` (through efffeat's
+          parameter swap: ``functional_call`` detaches a bridge's blocks from their parameters), a per-example
+          autograd loop and Opacus (on the bridge's own module tree; its block-layer gradients come out wrong,
+          which the rel. diff column shows).
   minilm  a MiniLM-L6-shaped BERT (random weights, 22.6M parameters), N = 256 sequences of 16 tokens: the
           capture (``dual.features``) against one ``ef.rank`` of every parameter; no peer.
 
@@ -364,7 +366,9 @@ def correct_logit(out: torch.Tensor, batch) -> torch.Tensor:
 
 
 def bridge_job(n: int, repeat: int) -> None:
-    from torch.func import functional_call, grad, vmap
+    from torch.func import grad, vmap
+
+    from efffeat._swap import ParameterSwap
 
     model, init, p = bridge_model()
     g = torch.Generator().manual_seed(0)
@@ -380,9 +384,11 @@ def bridge_job(n: int, repeat: int) -> None:
     n_params = sum(v.numel() for v in params.values())
     roofline(job, dual.features((x, y), batch_size=256), t_ef, 4 * n * n_params, repeat)
 
+    swap = ParameterSwap(model)  # torch.func.functional_call leaves a bridge's blocks without their parameters
+
     def func_kernel():
         def f(pp, xi, yi):  # out[0, -1, yi] would be data-dependent indexing under vmap
-            return functional_call(model, pp, (xi[None],))[0, -1].gather(0, yi[None])[0]
+            return swap.call(pp, xi[None])[0, -1].gather(0, yi[None])[0]
 
         per = vmap(grad(f), in_dims=(None, 0, 0))
         j = torch.empty(n, n_params)

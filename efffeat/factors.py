@@ -500,42 +500,18 @@ class LowRankFactor(Factor):
         if self.rank * other.rank > 1 and 2 * dense < pair:  # the pair products are GEMMs: a margin in their favour
             acc.add_columns(self._gradient_columns(), None if acc.symmetric else other._gradient_columns())
             return
+        mine = _by_term(self.u), _by_term(self.v)
+        theirs = mine if other is self else (_by_term(other.u), _by_term(other.v))
         for r in range(self.rank):
             for s in range(r if acc.symmetric else 0, other.rank):
-                acc.add_product(self._pair_product(other, r, s), off_diagonal=acc.symmetric and s != r)
-
-    def _v_extra(self) -> list[float] | None:
-        """Constants appended to every v term (a folded bias), or None."""
-        return None
-
-    def _pair_product(self, other: LowRankFactor, r: int, s: int) -> _Product:
-        """The Gram of term r of this factor and term s of `other` on a block of rows and columns, as the two
-        matrices whose entrywise product it is: ``(u_r·u'_s)`` and ``(v_r·v'_s [+ c_r c'_s])``."""
-        (ka, kb), (va, vb) = (self.u.shape[1], other.u.shape[1]), (self.v.shape[1], other.v.shape[1])
-        d0, d1 = self.shape
-        ca, cb = self._v_extra(), other._v_extra()
-        extra = 0.0 if ca is None or cb is None else ca[r] * cb[s]
-        one = torch.ones((), dtype=self.dtype, device=self.device) * extra
-
-        def product(i0: int, i1: int, j0: int, j1: int) -> tuple[Tensor, Tensor]:
-            uu = self.u[i0:i1, :, r].reshape(-1, d0) @ other.u[j0:j1, :, s].reshape(-1, d0).T
-            a, b = self.v[i0:i1, :, r].reshape(-1, d1), other.v[j0:j1, :, s].reshape(-1, d1).T
-            vv = torch.addmm(one, a, b) if extra else a @ b
-            return uu.view(i1 - i0, ka, j1 - j0, kb), vv.view(i1 - i0, va, j1 - j0, vb)
-
-        return product
+                acc.add_product(_term_product(mine, theirs, r, s), off_diagonal=acc.symmetric and s != r)
 
     def _gradient_columns(self) -> Callable[[], Iterator[Tensor]]:
         """Chunks ``[N·K, c]`` of the flattened per-example gradients (``c`` whole rows of W at a time)."""
 
         def chunks() -> Iterator[Tensor]:
-            extra = self._v_extra()
-            v = self.v
-            if extra is not None:
-                ones = torch.tensor(extra, dtype=v.dtype, device=v.device).expand(v.shape[0], v.shape[1], -1)
-                v = torch.cat([v, ones[..., None]], dim=-1)
-            u = self.u
-            n, k, (d0, d1) = self.n_examples, self.n_outputs, (u.shape[-1], v.shape[-1])
+            u, v = self.u, self.v
+            n, k, (d0, d1) = self.n_examples, self.n_outputs, self.shape
             step = max(1, _BLOCK_ELEMENTS // max(1, n * k * d1))
             for i in range(0, d0, step):
                 g = torch.matmul(u[..., i : i + step].transpose(-1, -2), v)  # [n, K, step, d1]
@@ -544,14 +520,22 @@ class LowRankFactor(Factor):
         return chunks
 
 
-@dataclass
-class _BiasFolded(LowRankFactor):
-    """A weight's factor joined with its bias: the gradient of ``[W | b]``, ``Σ_r u_r ⊗ [v_r, c_r]`` (kernels only)."""
+def _by_term(t: Tensor) -> Tensor:
+    """``[N, K, R, d] → [R, N, K, d]``, contiguous: each rank term's rows are one matrix for a GEMM."""
+    return t.movedim(2, 0).contiguous() if t.shape[2] > 1 else t.movedim(2, 0)
 
-    c: list[float] | None = None
 
-    def _v_extra(self) -> list[float] | None:
-        return self.c
+def _term_product(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor], r: int, s: int) -> _Product:
+    """The Gram of term r of one factor and term s of another (``[R, N, K, d]`` u and v of each, `_by_term`) on a
+    block of rows and columns, as the two matrices whose entrywise product it is: ``(u_r·u'_s)`` and ``(v_r·v'_s)``."""
+    (ua, va), (ub, vb) = a, b
+
+    def product(i0: int, i1: int, j0: int, j1: int) -> tuple[Tensor, Tensor]:
+        uu = ua[r, i0:i1].reshape(-1, ua.shape[-1]) @ ub[s, j0:j1].reshape(-1, ub.shape[-1]).T
+        vv = va[r, i0:i1].reshape(-1, va.shape[-1]) @ vb[s, j0:j1].reshape(-1, vb.shape[-1]).T
+        return uu.view(i1 - i0, ua.shape[2], j1 - j0, ub.shape[2]), vv.view(i1 - i0, va.shape[2], j1 - j0, vb.shape[2])
+
+    return product
 
 
 @dataclass
@@ -707,12 +691,14 @@ class EmbeddingFactor(Factor):
         """``Σ_{r,s} [ids_r = ids'_s] (v_r·v'_s)``: per pair of terms a comparison of token ids and one GEMM."""
         assert isinstance(other, EmbeddingFactor)
         ka, kb, d = self.v.shape[1], other.v.shape[1], self.shape[1]
+        va, ia = _by_term(self.v), self.ids.T.contiguous()  # [R, N, K, d], [R, N]
+        vb, ib = (va, ia) if other is self else (_by_term(other.v), other.ids.T.contiguous())
         for r in range(self.rank):
             for s in range(r if acc.symmetric else 0, other.rank):
 
                 def product(i0: int, i1: int, j0: int, j1: int, r: int = r, s: int = s) -> tuple[Tensor, Tensor]:
-                    same = self.ids[i0:i1, r, None] == other.ids[None, j0:j1, s]
-                    vv = self.v[i0:i1, :, r].reshape(-1, d) @ other.v[j0:j1, :, s].reshape(-1, d).T
+                    same = ia[r, i0:i1, None] == ib[s, None, j0:j1]
+                    vv = va[r, i0:i1].reshape(-1, d) @ vb[s, j0:j1].reshape(-1, d).T
                     return same.to(self.dtype).view(i1 - i0, 1, j1 - j0, 1), vv.view(i1 - i0, ka, j1 - j0, kb)
 
                 acc.add_product(product, off_diagonal=acc.symmetric and s != r)
@@ -948,11 +934,19 @@ def _fold_biases(
         c_right = c_left if rw is lw and right[b] is left[b] else rw._bias_terms(right[b])
         if c_left is None or c_right is None:
             continue
-        left[w] = _BiasFolded(lw.u, lw.v, c_left)
-        right[w] = left[w] if rw is lw else _BiasFolded(rw.u, rw.v, c_right)
+        left[w] = _with_bias_column(lw, c_left)
+        right[w] = left[w] if rw is lw else _with_bias_column(rw, c_right)
         dropped.add(b)
     keep = [i for i in range(len(left)) if i not in dropped]
     return [left[i] for i in keep], [right[i] for i in keep]
+
+
+def _with_bias_column(f: LowRankFactor, c: list[float]) -> LowRankFactor:
+    """The factor of ``[W | b]``: ``c_r`` appended to every v term (one more column in each GEMM, which costs
+    nothing measurable, where a separate bias Gram costs a GEMM over the output side)."""
+    v = f.v
+    column = torch.tensor(c, dtype=v.dtype, device=v.device)[None, None, :, None].expand(*v.shape[:3], 1)
+    return LowRankFactor(f.u, torch.cat([v, column], dim=-1))
 
 
 def gram_sum(

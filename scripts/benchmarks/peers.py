@@ -122,13 +122,13 @@ def needed_flops(feats: ef.EffectiveFeatures) -> float:
     n = feats.n_examples
     names = [s.name for s in feats.slots]
     stored = [feats.factors[name] for name in names]
-    kept, _ = _fold_biases(stored, stored, feats._bias_positions(names))
+    kept = {id(f) for f in _fold_biases(stored, stored, feats._bias_positions(names))[0]}
     total = 0.0
-    for f in kept:
+    for f in stored:
         if isinstance(f, LowRankFactor | EmbeddingFactor):
             width = f.shape[1] + (f.shape[0] if isinstance(f, LowRankFactor) else 0)
             total += 2 * n * n * width * f.rank * (f.rank + 1) / 2
-        else:
+        elif id(f) in kept:  # not a bias folded into its weight
             total += 2 * n * n * f.numel
     return total
 

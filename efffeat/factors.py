@@ -28,16 +28,16 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from ._memory import available_bytes
-
 # Largest temporary (elements) that a chunked reduction over the examples may allocate.
 _CHUNK_ELEMENTS = 1 << 22
 # Chunks (elements) that stay in cache while they are reduced.
 _CACHE_ELEMENTS = 1 << 18
 # Largest temporary (elements) of one block of a kernel (each of the two products of a term pair).
 _BLOCK_ELEMENTS = 1 << 24
-# Rows of the example blocks of a self-kernel: only blocks on and above the diagonal are computed.
+# Example blocks of a self-kernel (only blocks on and above the diagonal are computed): rows of a block, and at
+# most this many blocks a side (few large operations keep a multi-threaded run from waiting on each one).
 _SYMMETRIC_BLOCK_ROWS = 512
+_SYMMETRIC_BLOCKS = 8
 # Dense factors smaller than this (elements) are joined into one matrix, so that their Grams are one GEMM.
 _JOIN_ELEMENTS = 1 << 24
 
@@ -808,8 +808,8 @@ class _GramSum:
     Factors register entrywise products of two matrices per pair of rank terms (`add_product`), or dense column
     chunks whose products are GEMMs straight into `out` (`add_dense`, `add_columns`); `finish` runs them over
     blocks of the output, so that each block stays in cache while every factor adds to it. A self-kernel
-    (`symmetric`) computes the blocks on and above the diagonal and mirrors them; a pair of different rank terms
-    (r, s) is computed once and added with its transpose (the (s, r) pair) at the end.
+    (`symmetric`) computes the blocks on and above the diagonal and mirrors them; of a pair of different rank
+    terms only (r, s) is registered, its (s, r) partner being the transpose of (r, s) at the mirrored block.
     """
 
     def __init__(self, out: Tensor, symmetric: bool):
@@ -866,8 +866,9 @@ class _GramSum:
 
     def _blocks(self) -> list[tuple[tuple[int, int], tuple[int, int]]]:
         n, k, m, l = self.out.shape
-        if self.symmetric:
-            rows = min(_SYMMETRIC_BLOCK_ROWS, max(1, math.isqrt(_BLOCK_ELEMENTS // (k * l))))
+        if self.symmetric:  # at least `_SYMMETRIC_BLOCK_ROWS` rows, at most `_SYMMETRIC_BLOCKS` blocks a side
+            rows = max(_SYMMETRIC_BLOCK_ROWS, math.ceil(n / _SYMMETRIC_BLOCKS))
+            rows = min(rows, max(1, math.isqrt(_BLOCK_ELEMENTS // (k * l))))
             edges = _edges(n, rows)
             return [(a, b) for i, a in enumerate(edges) for b in edges[i:]]
         return [(a, (0, m)) for a in _edges(n, max(1, _BLOCK_ELEMENTS // (k * m * l)))]
@@ -880,24 +881,25 @@ class _GramSum:
             block = out[i0:i1, :, j0:j1, :]
             for product in self.products:
                 block.addcmul_(*product(i0, i1, j0, j1))
+            if self.off_diagonal:  # pairs (r, s) here; their (s, r) partners: the transposed (r, s) at (j, i)
+                mirrored = out.new_zeros(j1 - j0, k, i1 - i0, l)
+                for product in self.off_diagonal:
+                    mirrored.addcmul_(*product(j0, j1, i0, i1))
+                    if i0 != j0:
+                        block.addcmul_(*product(i0, i1, j0, j1))
+                if i0 == j0:
+                    block += mirrored
+                block += mirrored.permute(2, 3, 0, 1)
         for left, right in self._column_chunks():
             right = left if right is None else right
             for (i0, i1), (j0, j1) in blocks:
                 block = out[i0:i1, :, j0:j1, :].view((i1 - i0) * k, (j1 - j0) * l)
                 block.addmm_(left[i0 * k : i1 * k], right[j0 * l : j1 * l].T)
-        if not self.symmetric:
-            return out
-        edges = sorted({a for a, _ in blocks})
-        for i, (i0, i1) in enumerate(edges):  # mirror the upper blocks into the lower ones
-            for j0, j1 in edges[:i]:
-                out[i0:i1, :, j0:j1, :] = out[j0:j1, :, i0:i1, :].permute(2, 3, 0, 1)
-        if self.off_diagonal:
-            off = torch.zeros_like(out)
-            for i0, i1 in _edges(n, max(1, _BLOCK_ELEMENTS // (k * m * l))):
-                for product in self.off_diagonal:
-                    off[i0:i1].addcmul_(*product(i0, i1, 0, m))
-            out += off
-            out += off.permute(2, 3, 0, 1)
+        if self.symmetric:  # mirror the upper blocks into the lower ones, block by block
+            edges = sorted({a for a, _ in blocks})
+            for i, (i0, i1) in enumerate(edges):
+                for j0, j1 in edges[:i]:
+                    out[i0:i1, :, j0:j1, :] = out[j0:j1, :, i0:i1, :].permute(2, 3, 0, 1)
         return out
 
 
@@ -969,9 +971,6 @@ def gram_sum(
         l = max(f.n_outputs for f in other)
         out = torch.zeros(first.n_examples, k, other[0].n_examples, l, dtype=first.dtype, device=first.device)
     symmetric = right is None
-    if symmetric and any(f.rank > 1 for f in left if isinstance(f, LowRankFactor | EmbeddingFactor)):
-        # a pair of different rank terms needs a second buffer the size of the kernel; without room, no symmetry
-        symmetric = out.numel() * out.element_size() * 2 < available_bytes()
     lefts, rights = _fold_biases(list(left), list(other), bias_of or {})
     acc = _GramSum(out, symmetric)
     for a, b in zip(lefts, rights):

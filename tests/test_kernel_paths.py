@@ -137,14 +137,16 @@ def test_transformer_bridge_kernel_with_sequences_and_embeddings(order):
     assert query.rank == (1 if order == "trained" else 2)
 
 
-def test_off_diagonal_pairs_without_room_for_their_buffer(monkeypatch):
+def test_off_diagonal_pairs_on_many_blocks(monkeypatch):
     model = bridge(n_layers=1).to(F64)
     init = perturbed(model, 0.05, seed=6)
-    x = torch.randint(0, 11, (5, 3), generator=torch.Generator().manual_seed(7))
-    feats = ef.DualModel(model, init, readout=lambda out, batch: out[:, -1, 0], progress=False).features(x)
-    want = feats.kernel()
-    monkeypatch.setattr(factors, "available_bytes", lambda: 0)  # no symmetry: every (r, s) pair in full
-    assert rel_err(feats.kernel(), want) <= 1e-13
+    x = torch.randint(0, 11, (7, 3), generator=torch.Generator().manual_seed(7))
+    feats = ef.DualModel(model, init, readout=lambda out, batch: out[:, -1, :2], progress=False).features(x)
+    fs = list(feats.factors.values())
+    want = gram_sum(fs, fs)  # both sides given: every (r, s) pair in full, no symmetry
+    for rows in (2, 3, 100):  # diagonal and off-diagonal blocks of uneven sizes
+        monkeypatch.setattr(factors, "_SYMMETRIC_BLOCK_ROWS", rows)
+        assert rel_err(gram_sum(fs), want) <= 1e-13
 
 
 def _lowrank(n, ku, kv, r, d0, d1, seed):

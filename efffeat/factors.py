@@ -964,9 +964,9 @@ def gram_sum(
     of a weight in the lists → position of its layer's bias, folded into the weight's Gram where the bias's
     gradient is the sum of the weight's output-side terms (checked; otherwise both are computed apart).
     """
-    first = left[0]
     other = left if right is None else right
     if out is None:
+        first = left[0]
         k = max(f.n_outputs for f in left)
         l = max(f.n_outputs for f in other)
         out = torch.zeros(first.n_examples, k, other[0].n_examples, l, dtype=first.dtype, device=first.device)

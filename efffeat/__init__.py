@@ -36,7 +36,7 @@ from .features import EffectiveFeatures
 from .ids import FeatureIds
 from .io import load, save
 from .nn import TransposedLinear
-from .ranking import Criterion, FeatureTable, rank, register_criterion
+from .ranking import Criterion, FeatureTable, per_example_norms, rank, register_criterion
 from .readout import Readout
 from .rules import FallbackWarning, Rule, register_rule
 from .search import TopK, max_activating, synthesize
@@ -116,6 +116,7 @@ __all__ = [
     "load",
     "max_activating",
     "metrics",
+    "per_example_norms",
     "rank",
     "readouts",
     "register_baseline",

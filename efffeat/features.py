@@ -17,7 +17,8 @@ from ._check import one_of
 from ._memory import check_fits
 from ._savable import register
 from .errors import ConfigError, FeatureIdError, SaveFileError
-from .factors import Factor, cat_examples, factor_gram, from_state
+from .factors import Factor, cat_examples, from_state, gram_sum
+from .groups import absorbed_biases
 from .ids import FeatureIds, ParamSlot
 
 # The orders of the effective features (`efffeat.DualModel`).
@@ -314,18 +315,26 @@ class EffectiveFeatures:
         n, k, m, l = self.n_examples, self.n_outputs, other.n_examples, other.n_outputs
         if reduce is not None:
             one_of("reduce", reduce, REDUCTIONS)
+            if l != k:
+                raise ConfigError(
+                    f"reduce={reduce!r} pairs the readout components of the two feature sets, which have {k} and {l}; "
+                    "compute both with the same readout (or pass reduce=None)"
+                )
         w = component_weights(output_weights, k, self.z_init)
-        if reduce in ("diagonal", "pairs") and (reduce == "pairs" or other is self):
+        left = [self.factors[name] for name in names]
+        right = None if other is self else [other.factors[name] for name in names]
+        bias_of = self._bias_positions(names)
+        if reduce in ("diagonal", "pairs"):
             check_fits(n * m, self.dtype, f"the kernel [{n}, {m}]", "compute it on fewer examples (select_rows)")
-            out = torch.zeros(n, m, dtype=self.dtype, device=self.device)
-            for name in names:
-                f = self.factors[name]
-                if reduce == "pairs":
-                    c = w.sqrt() / k
-                    out += factor_gram(f.output_sum(c), other.factors[name].output_sum(c))[:, 0, :, 0]
-                else:
-                    out += f.diagonal_gram(w) / k
-            return out
+            if reduce == "pairs":  # one Gram of the weighted output sums
+                c = w.sqrt() / k
+                left = [f.output_sum(c) for f in left]
+                right = None if right is None else [f.output_sum(c) for f in right]
+            else:  # one Gram of the components laid side by side
+                left = [f.stacked_outputs(w / k) for f in left]
+                right = None if right is None else [f.stacked_outputs(w / k) for f in right]
+            out = torch.zeros(n, 1, m, 1, dtype=self.dtype, device=self.device)
+            return gram_sum(left, right, out, bias_of)[:, 0, :, 0]
         check_fits(
             n * k * m * l,
             self.dtype,
@@ -333,12 +342,18 @@ class EffectiveFeatures:
             alternative="compute it on fewer examples, in blocks of rows with select_rows(), or on disk with "
             "efffeat.distributed.kernel_to_disk",
         )
-        out = torch.zeros(n, k, m, l, dtype=self.dtype, device=self.device)
-        for name in names:
-            factor_gram(self.factors[name], other.factors[name], out)
+        out = gram_sum(left, right, torch.zeros(n, k, m, l, dtype=self.dtype, device=self.device), bias_of)
         if reduce is not None:
             return reduce_outputs(out, reduce, w)
         return out[:, 0, :, 0] if self.scalar and other.scalar else out
+
+    def _bias_positions(self, names: list[str]) -> dict[int, int]:
+        """``{position of a weight in names: position of its layer's bias}`` (the pairs of `groups.absorbed_biases`),
+        for kernels that fold a bias into its weight's Gram."""
+        by_state = {s.state_name: s.name for s in self.slots}
+        at = {name: i for i, name in enumerate(names)}
+        pairs = ((by_state[w], by_state[b]) for w, b in absorbed_biases(self.ids).items())
+        return {at[w]: at[b] for w, b in pairs if w in at and b in at}
 
     def param_names(self, params: Sequence[str] | str | None = None) -> list[str]:
         """named_parameters() names of the tensors `params` names (state_dict or parameter names; all if None)."""
@@ -362,10 +377,28 @@ class EffectiveFeatures:
         )
 
     def sq_sums(self, weights: Tensor | None = None) -> Tensor:
-        """``[P]``: ``Σ_{x,k} w(x, k) φ^E_μ(x, k)²`` for every feature at once, from the factors."""
+        """``[P]`` (a new tensor): ``Σ_{x,k} w(x, k) φ^E_μ(x, k)²`` for every feature at once, from the factors."""
         w = None if weights is None else self._in(weights)
         return torch.cat([self.factors[s.name].sq_sum(w) for s in self.slots])
 
+    def sq_norms(
+        self, params: Sequence[str] | str | None = None, by_tensor: bool = False
+    ) -> Tensor | dict[str, Tensor]:
+        """``[N(, K)]``: ``‖φ^E(x, k)‖² = Σ_μ φ^E_μ(x, k)²``, the squared norm of every example's gradient (per readout
+        component) over the tensors `params` (state_dict or named_parameters names; all if None), from the factors:
+        ``‖u‖²‖v‖²`` for an outer product, the Grams of its rank terms for a sequence.
+
+        by_tensor: ``{state_dict name: [N(, K)]}``, one entry per tensor, instead of their sum.
+        """
+        state = {s.name: s.state_name for s in self.slots}
+        shape = (self.n_examples, self.n_outputs)
+        parts = {state[name]: self.factors[name].sq_norms().expand(shape) for name in self.param_names(params)}
+        if by_tensor:
+            return {name: self._out(t) for name, t in parts.items()}
+        total = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        for t in parts.values():
+            total += t
+        return self._out(total)
 
     # ---- persistence ----------------------------------------------------------------------------------
     def to_state(self) -> tuple[dict[str, Tensor], dict]:

@@ -26,6 +26,10 @@ Tables are sorted by score, descending; signed scores are sorted by magnitude. T
 (stable sort), so a ranking is deterministic. Groups are those of `efffeat.groups` (``group=``).
 
 A new criterion is one `Criterion` passed to `register_criterion`.
+
+`per_example_norms` is the other view of the same squared features: summed over the parameters instead of over
+the examples, the norm of every example's gradient (what differentially private training clips, and what says
+which examples move a layer).
 """
 
 from __future__ import annotations
@@ -34,12 +38,14 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from . import groups, io
 from ._check import positive_int
 from ._savable import register
+from .dual import DualModel
 from .errors import ConfigError, SaveFileError
 from .factors import difference
 from .features import ORDERS, EffectiveFeatures
@@ -108,9 +114,13 @@ def _variance(features: EffectiveFeatures, _init: EffectiveFeatures | None) -> T
     return (features.sq_sums() / _n_pairs(features) - mean.square().mean(0)).clamp_min(0)
 
 
-register_criterion(
-    Criterion("contribution", lambda f, _: (f.flat_delta().square() * f.sq_sums() / _n_pairs(f)).sqrt())
-)
+def _contribution(features: EffectiveFeatures, _init: EffectiveFeatures | None) -> Tensor:
+    """``√(Δθ² Σ_{x,k} φ² / NK)``, in place on the fresh sums (no temporaries the size of P)."""
+    d = features.flat_delta()
+    return features.sq_sums().mul_(d).mul_(d).mul_(1.0 / _n_pairs(features)).sqrt_()
+
+
+register_criterion(Criterion("contribution", _contribution))
 register_criterion(
     Criterion(
         "mean_contribution",
@@ -189,10 +199,8 @@ def rank(
         scores = scores.sqrt() if crit.aggregate == "rms" else scores
         labels = names
         sizes = torch.zeros(len(names), dtype=torch.long).index_add_(0, gid, torch.ones_like(gid))
-    key = scores.abs() if crit.signed else scores
-    order = torch.sort(key, descending=True, stable=True).indices
-    if top is not None:
-        order = order[:top]
+    order, values = _sort_descending(scores.abs() if crit.signed else scores, top)
+    values = scores[order] if crit.signed else values
     meta = {
         "n_examples": features.n_examples,
         "n_outputs": features.n_outputs,
@@ -202,9 +210,114 @@ def rank(
     group_name = group if isinstance(group, str) else "custom"
     if labels is None:
         return FeatureTable(
-            _Labels(features.ids, order), scores[order], group_name, by, torch.ones(len(order), dtype=torch.long), meta
+            _Labels(features.ids, order), values, group_name, by, torch.ones(len(order), dtype=torch.long), meta
         )
-    return FeatureTable([labels[i] for i in order.tolist()], scores[order], group_name, by, sizes[order], meta)
+    return FeatureTable([labels[i] for i in order.tolist()], values, group_name, by, sizes[order], meta)
+
+
+def _sort_descending(key: Tensor, top: int | None = None) -> tuple[Tensor, Tensor]:
+    """The positions of `key` by descending value, ties in position order (the stable sort), and the values in
+    that order; all ``P`` of them, or the first `top`.
+
+    float32 keys on the CPU (fewer than 2³¹, no NaN) are packed into one int64 each — the order-preserving
+    integer of the float's bits above the position — and sorted by numpy's vectorised sort (``top``: after a
+    linear-time partition); the packed keys are distinct, so any sort of them is the stable sort of the floats,
+    and the sorted values are read back from them without a gather. Anything else goes to torch's stable sort.
+    """
+    p = key.numel()
+    bits = max(1, (p - 1).bit_length())
+    low = float(key.min()) if p and key.dtype == torch.float32 else 0.0  # NaN if there is one
+    if key.dtype != torch.float32 or key.device.type != "cpu" or bits > 31 or low != low:
+        values, order = torch.sort(key, descending=True, stable=True)
+        return (order, values) if top is None else (order[:top], values[:top])
+    key = key.detach().contiguous()
+    if low <= 0:
+        key = key + 0.0  # −0 ties with +0
+    floats = key.numpy()
+    positions, zeros = None, None
+    if low == 0:  # zeros sort last, in position order: only the others need sorting (unseen tokens' rows...)
+        positions = np.flatnonzero(floats)
+        if len(positions) > p - p // 8:
+            positions = None
+        else:
+            zeros = np.flatnonzero(floats == 0)
+            floats = floats[positions]
+    as_int = floats.view(np.int32)
+    if low < 0:  # negative floats: larger bits are smaller numbers
+        np.bitwise_xor(as_int, 0x7FFFFFFF, out=as_int, where=as_int < 0)
+    top_key = (2**31 - 1) << bits
+    packed = np.multiply(as_int, -(1 << bits), dtype=np.int64)  # ((2³¹ − 1 − int) << bits) + position
+    if positions is None:
+        packed += np.arange(top_key, top_key + p, dtype=np.int64)
+    else:
+        packed += positions
+        packed += top_key
+    if top is not None and top < len(packed):
+        packed = np.partition(packed, top - 1)[:top]
+    packed.sort()
+    sorted_int = (2**31 - 1) - (packed >> bits)
+    if low < 0:
+        np.bitwise_xor(sorted_int, 0x7FFFFFFF, out=sorted_int, where=sorted_int < 0)
+    values = torch.from_numpy(sorted_int.astype(np.int32).view(np.float32))
+    order = torch.from_numpy(packed & ((1 << bits) - 1))
+    if zeros is not None:
+        rest = zeros if top is None else zeros[: max(0, top - len(order))]
+        order = torch.cat([order, torch.from_numpy(rest)])
+        values = torch.cat([values, torch.zeros(len(rest), dtype=values.dtype)])
+    return order, values
+
+
+def per_example_norms(
+    dual: DualModel,
+    data: Any,
+    group: str | Sequence[str] | None = None,
+    batch_size: int = 256,
+    order: str | None = None,
+    progress: bool | None = None,
+) -> Tensor | dict[str, Tensor]:
+    """The norm ``‖φ^E(x, k)‖ = √Σ_μ φ^E_μ(x, k)²`` of every example's gradient, per readout component, streamed
+    over `data` one batch of features at a time (each batch's factors are dropped after use).
+
+    The features are those of the dual model's order (``order=`` overrides it): at ``"trained"`` these are the
+    per-example gradient norms of the readout that differentially private training clips. Computed from the
+    factors (``‖δ‖²‖a‖²`` for a dense layer; the Grams of the position terms for a sequence layer), never from
+    per-example gradients.
+
+    Args:
+        dual: the dual model.
+        data: tensor, ``(inputs, targets)`` tuple, or iterable of batches.
+        group: None — over every parameter, ``[N(, K)]``; a tensor name (state_dict or named_parameters name) or
+            a list of them — over those tensors together, ``[N(, K)]``; ``"module"`` — one norm per tensor,
+            ``{state_dict name: [N(, K)]}``.
+        batch_size: examples per batch of features.
+        progress: overrides the model's progress setting.
+
+    Example::
+
+        norms = ef.per_example_norms(dual, x)                      # [N]: which examples move the model most
+        layer = ef.per_example_norms(dual, x, group="0.weight")    # [N]: ... this layer
+        by_tensor = ef.per_example_norms(dual, x, group="module")  # {"0.weight": [N], "0.bias": [N], ...}
+    """
+    positive_int("batch_size", batch_size)
+    by_tensor = isinstance(group, str) and group == "module"
+    names = None if group is None or by_tensor else _tensor_names(dual.ids, group)
+    parts = [
+        feats.sq_norms(names, by_tensor=by_tensor)
+        for feats in dual.iter_features(data, batch_size, order=order, progress=progress)
+    ]
+    if by_tensor:
+        return {name: torch.cat([p[name] for p in parts]).sqrt() for name in parts[0]}  # type: ignore[index]
+    return torch.cat(parts).sqrt()  # type: ignore[arg-type]
+
+
+def _tensor_names(ids: FeatureIds, group: str | Sequence[str]) -> list[str]:
+    """named_parameters() names of a tensor name or a list of them, checked."""
+    listed = [group] if isinstance(group, str) else group
+    if isinstance(listed, Mapping) or not isinstance(listed, Sequence) or not listed:
+        raise ConfigError(
+            f"group must be None, 'module', a tensor name or a non-empty list of tensor names, got {group!r}"
+        )
+    return [ids.slot(name).name for name in listed]
 
 
 def feature_scores(features: EffectiveFeatures, by: str, init: EffectiveFeatures | None = None) -> Tensor:

@@ -329,3 +329,74 @@ def test_head_group_reads_the_number_of_heads_from_the_model(bridge_feats):
     unknown = dataclasses.replace(feats, meta={})
     with pytest.raises(ef.ConfigError, match="n_heads"):
         rank(unknown, group="head")
+
+
+# ---- the sort ---------------------------------------------------------------------------------------------
+def _ties(seed: int, n: int, dtype=torch.float32) -> torch.Tensor:
+    """Scores with many ties, both signed zeros and infinities."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randint(-3, 4, (n,), generator=g) * 0.25).to(dtype)
+    x[torch.rand(n, generator=g) < 0.2] = -0.0
+    x[:: max(1, n // 5)] = float("inf")
+    return x
+
+
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_sort_is_the_stable_descending_sort(signed, dtype):
+    from efffeat.ranking import _sort_descending
+
+    for seed, n, zeros in [(0, 1, 0), (1, 2, 0), (2, 37, 0), (3, 1000, 0), (4, 4097, 0), (5, 999, 0.9), (6, 64, 1)]:
+        x = _ties(seed, n, dtype)
+        x = x if signed else x.abs()
+        x[: int(zeros * n)] = 0  # mostly zero scores are sorted apart (rows of tokens that never occur)
+        values, want = torch.sort(x, descending=True, stable=True)
+        order, got = _sort_descending(x)
+        assert torch.equal(order, want) and torch.equal(got, values + 0.0)  # −0 reads +0
+        for top in (1, 3, n):
+            order, got = _sort_descending(x, top)
+            assert torch.equal(order, want[:top]) and torch.equal(got, values[:top] + 0.0)
+
+
+def test_sort_with_nan_follows_torch():
+    from efffeat.ranking import _sort_descending
+
+    x = _ties(5, 50)
+    x[7] = float("nan")
+    values, want = torch.sort(x, descending=True, stable=True)
+    order, got = _sort_descending(x)
+    assert torch.equal(order, want)
+    torch.testing.assert_close(got, values, rtol=0, atol=0, equal_nan=True)
+
+
+def test_ties_rank_in_feature_order():
+    model = mlp(3, (4,), 1)
+    init = {k: v.clone() for k, v in model.state_dict().items()}  # Δθ = 0: every contribution ties at 0
+    feats = ef.DualModel(model, init, readout=0, progress=False).features(torch.randn(5, 3))
+    table = rank(feats, by="contribution")
+    assert list(table.ids) == list(feats.ids) and not bool(table.scores.any())
+    assert list(rank(feats, by="contribution", top=4).ids) == list(feats.ids)[:4]
+
+
+def test_embedding_features_rank_like_their_one_hot_layout():
+    torch.manual_seed(6)
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(9, 3)
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, t):
+            return self.lin(torch.tanh(self.emb(t))).sum(dim=1)
+
+    model = Tokens().double()
+    init = perturbed(model, 0.2)
+    x = torch.randint(0, 9, (6, 4), generator=torch.Generator().manual_seed(7))
+    feats = ef.DualModel(model, init, readout="output", order="nlo", progress=False).features(x)
+    table = feats.factors["emb.weight"]
+    one_hot = dataclasses.replace(feats, factors={**feats.factors, "emb.weight": table.to_lowrank()})
+    for by in ("contribution", "variance", "mean_contribution"):
+        a, b = rank(feats, by=by, group="neuron"), rank(one_hot, by=by, group="neuron")
+        assert list(a.ids) == list(b.ids)
+        torch.testing.assert_close(a.scores, b.scores, rtol=1e-12, atol=1e-300)

@@ -1,11 +1,10 @@
-"""``nn.Embedding``: the gradient of a lookup ``E[token]`` is δ scattered to the token's row: one-hot ⊗ δ."""
+"""``nn.Embedding``: the gradient of a lookup ``E[token]`` is δ added to the token's row, stored as the token ids."""
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..factors import Factor, LowRankFactor
+from ..factors import EmbeddingFactor, Factor
 from .base import Rule, present, rank_terms, register_rule
 
 
@@ -18,7 +17,8 @@ class EmbeddingRule(Rule):
 
     def terms(self, module: nn.Module, rec: Tensor, delta: Tensor) -> dict[str, Factor]:
         n, k = delta.shape[:2]
-        onehot = F.one_hot(rec.reshape(n, 1, -1), module.num_embeddings).to(delta.dtype)
-        if module.padding_idx is not None:
-            onehot[..., module.padding_idx] = 0
-        return {"weight": LowRankFactor(onehot, rank_terms(delta, n, k, delta.shape[-1]))}
+        ids = rec.reshape(n, -1)
+        v = rank_terms(delta, n, k, delta.shape[-1])
+        if module.padding_idx is not None:  # the padding row is a constant: its lookups contribute nothing
+            v = v * (ids != module.padding_idx)[:, None, :, None].to(v.dtype)
+        return {"weight": EmbeddingFactor(ids, v, module.num_embeddings)}

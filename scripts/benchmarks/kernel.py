@@ -1,4 +1,4 @@
-"""`dual.kernel` (factored, from hooks) against the peers that build the per-example Jacobian.
+"""``dual.features(x).kernel()`` (factored, from hooks) against the peers that build the per-example Jacobian.
 
 1. A 3-hidden-layer tanh MLP (d_in 64, width 512, scalar output), N = 512, float32: efffeat's kernel against
    `torch.func` Jacobian contraction (``vmap(jacrev)`` then ``J Jᵀ``), the empirical NTK both ways.
@@ -61,7 +61,7 @@ def mlp_case(n: int, width: int, repeat: int) -> list[dict]:
     rows = []
     for order in ("trained", "nlo"):
         dual = ef.DualModel(model, init, readout=0, order=order, progress=False)
-        t_ef, k_ef = _timed(lambda dual=dual: dual.kernel(x, batch_size=n), repeat)
+        t_ef, k_ef = _timed(lambda dual=dual: dual.features(x, batch_size=n).kernel(), repeat)
         row = {
             "case": f"MLP 64-{width}x3-1, N={n}",
             "order": order,
@@ -117,7 +117,7 @@ def bridge_case(n: int, repeat: int) -> list[dict]:
     rows = []
     for order in ("trained", "nlo"):
         dual = ef.DualModel(model, init, readout=correct_logit, order=order, progress=False)
-        t_ef, k_ef = _timed(lambda dual=dual: dual.kernel((x, y), batch_size=256), repeat)
+        t_ef, k_ef = _timed(lambda dual=dual: dual.features((x, y), batch_size=256).kernel(), repeat)
         rows.append(
             {
                 "case": f"TransformerBridge mod-add p={p}, N={n}",

@@ -55,8 +55,7 @@ def measure(n: int, kernel: bool) -> dict:
     feats = dual.features(x, batch_size=4096)
     out["features_s"] = time.perf_counter() - t
     out["rss_features"] = _peak_mib()
-    out["store_mib"] = sum(sum(t.numel() * t.element_size() for t in vars(f).values()) for f in feats.factors.values())
-    out["store_mib"] /= 2**20
+    out["store_mib"] = sum(f.nbytes for f in feats.factors.values()) / 2**20
     t = time.perf_counter()
     table = rank(feats, by="contribution", group="neuron")
     feats.rmatvec(torch.ones(n))

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from . import groups, ids, io, readouts, spectra
 from ._version import __version__
 from .analysis import Analysis, analyse
-from .dual import ORDERS, CompletenessWarning, DualModel, PrecisionWarning
+from .dual import INIT_KINDS, ORDERS, CompletenessWarning, DualModel, PrecisionWarning
 from .errors import (
     ConfigError,
     DataError,
@@ -75,6 +75,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "ORDERS",
+    "INIT_KINDS",
     "Analysis",
     "ComparisonTable",
     "CompletenessWarning",

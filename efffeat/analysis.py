@@ -1,35 +1,38 @@
 """`Analysis`: everything efffeat says about one model on one dataset, each result computed once.
 
-The features of the dataset (one pass over the data), their ranking, the spectrum of their kernel and the
-completeness of the dual model at each order are computed on first use and kept; the report, the command
+The features of the dataset (one pass over the data), their ranking, the spectrum of their kernel, the
+eigenfeatures of the kernel change ΔΘ = Θ_order − Θ_init (what training changed; one more pass, at ``init``)
+and the completeness of the dual model at each order are computed on first use and kept; the report, the command
 line and the dashboards read them from here instead of computing them again. Searches over the analysed
 data run on the stored features (no further pass). The order of the features (``order="auto"`` decided on the
 analysed data), why it was chosen and the notes a reader should see (low precision, a large completeness
-residual) are `order`, `order_reason` and `notes`.
+residual, a θ0 that is not a random initialisation) are `order`, `order_reason` and `notes`.
 
 Example::
 
     an = ef.analyse(dual, x, by="contribution", group="neuron")
     an.table.ids[:5], an.completeness(), an.completeness_by_order()
     an.order, an.order_reason, an.notes
+    an.kernel_change.values, an.kernel_change.input_directions("0.weight")
     top = an.max_activating(an.table.ids[:3], k=8)
     ef.report(an, "report.html")
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from functools import cached_property
 from typing import Any
 
 from ._check import integer, one_of, positive_int
-from .dual import AUTO, ORDERS, WARN_RESIDUAL, DualModel
+from .dual import AUTO, ORDERS, WARN_RESIDUAL, CompletenessWarning, DualModel
 from .errors import ConfigError
 from .features import EffectiveFeatures
 from .groups import GroupSpec, check
 from .ranking import FeatureTable, criterion, rank
 from .search import FeatureSpec, TopK, max_activating
-from .spectra import Spectrum, eigenfeatures
+from .spectra import KernelChange, Spectrum, eigenfeatures, kernel_change
 
 
 class Analysis:
@@ -41,11 +44,13 @@ class Analysis:
         order: the order of the features (default: the model's; a model's ``"auto"`` is decided on `data`).
         by, group: the ranking (`efffeat.rank`).
         n_eigen: eigenfeatures of the kernel to compute (0 for none); capped by the kernel's rank bound.
+        n_change: eigenfeatures of the kernel change ΔΘ = Θ_order − Θ_init to compute (0 for none; none at order
+            ``init``, where ΔΘ = 0); they cost one feature pass at ``init`` when first used.
         batch_size: examples per batch of the feature pass (None: sized from the memory available).
         features: the features of `data` at `order` when they are already computed (no pass is made).
 
-    Attributes are computed on first access and kept: `features`, `table`, `spectrum`; `completeness(order)`
-    keeps one value per order.
+    Attributes are computed on first access and kept: `features`, `table`, `spectrum`, `kernel_change`;
+    `completeness(order)` keeps one value per order.
     """
 
     def __init__(
@@ -56,6 +61,7 @@ class Analysis:
         by: str = "contribution",
         group: GroupSpec = "neuron",
         n_eigen: int = 20,
+        n_change: int = 10,
         batch_size: int | None = None,
         features: EffectiveFeatures | None = None,
     ):
@@ -69,6 +75,7 @@ class Analysis:
         self.by = by
         self.group = group
         self.n_eigen = integer("n_eigen", n_eigen, minimum=0)
+        self.n_change = integer("n_change", n_change, minimum=0)
         self.batch_size = None if batch_size is None else positive_int("batch_size", batch_size)
         self._completeness: dict[str, float] = {}
         if features is not None and self._order is None and dual.order == AUTO:
@@ -84,7 +91,7 @@ class Analysis:
             self.__dict__["features"] = features  # the cached value of the `features` property
 
     def __repr__(self) -> str:
-        done = [name for name in ("features", "table", "spectrum") if name in self.__dict__]
+        done = [name for name in ("features", "table", "spectrum", "kernel_change") if name in self.__dict__]
         return (
             f"Analysis({type(self.dual.model).__name__}, order={self._order or self.dual.order!r}, by={self.by!r}, "
             f"group={self.group!r}, computed={done + sorted(self._completeness)})"
@@ -107,11 +114,10 @@ class Analysis:
 
     @property
     def notes(self) -> list[str]:
-        """Sentences a reader of the results should see: a model computing below float32, and features whose
-        completeness residual is above 0.5 (they explain little of what the network learned)."""
-        out = []
-        if self.dual.precision_note:
-            out.append(self.dual.precision_note)
+        """Sentences a reader of the results should see: a θ0 that is not the network's random initialisation
+        (`DualModel.init_kind`), a model computing below float32, and features whose completeness residual is
+        above 0.5 (they explain little of what the network learned)."""
+        out = [note for note in (self.dual.init_note, self.dual.precision_note) if note]
         value = self.features.meta.get("completeness")
         if value is not None and value > WARN_RESIDUAL:
             out.append(
@@ -138,6 +144,19 @@ class Analysis:
         f = self.features
         # the kernel J Jᵀ has rank at most min(N·K, P): no more eigenpairs are worth asking for
         return eigenfeatures(f, k=min(self.n_eigen, f.n_examples * f.n_outputs, f.n_features))
+
+    @cached_property
+    def kernel_change(self) -> KernelChange | None:
+        """The top `n_change` eigenfeatures (by |λ|, signed, centred) of ΔΘ = Θ_order − Θ_init on the data: the
+        directions in function space that training added or removed (`efffeat.kernel_change`). None when
+        `n_change` is 0 or the order is ``init``. Computed from the stored features and one pass at ``init``."""
+        if not self.n_change or self.order == "init":
+            return None
+        f = self.features
+        with warnings.catch_warnings():  # Θ_init is what is subtracted: its own residual is not the result's
+            warnings.simplefilter("ignore", CompletenessWarning)
+            init = self.dual.features(self.data, batch_size=self.batch_size, order="init")
+        return kernel_change(f, against=init, k=min(self.n_change, f.n_examples * f.n_outputs))
 
     def completeness(self, order: str | None = None) -> float:
         """The dual model's relative residual ``‖Σ Δθ φ^E − Δz‖ / ‖Δz‖`` at `order` (default: the analysis's).

@@ -66,6 +66,9 @@ from .rules import Fallback, batch_gradient, describe, describe_reasons
 AUTO = "auto"
 FAIL_MODES = ("fallback", "error")
 NEEDS = ("all", "features")
+# What θ0 is (`DualModel.init_kind`): the network's own random initialisation, pretrained weights that were
+# fine-tuned, or any other parameter setting (e.g. a re-initialised copy).
+INIT_KINDS = ("initialisation", "pretrained", "other")
 
 # order="auto": nlo when its completeness residual is at most this on the first batch, else path with nodes
 # added (from `nodes`, along _AUTO_NODES) until the residual is at most AUTO_PATH_RESIDUAL.
@@ -148,6 +151,12 @@ class DualModel:
         fail_mode: ``"fallback"`` computes parameters no rule covers by exact per-example Jacobians (with a
             `FallbackWarning` naming the modules); ``"error"`` refuses them with `UnsupportedModelError`.
             `DualModel.supported(model)` lists, before any run, which parameters are factored.
+        init_kind: what `init` is: ``"initialisation"`` (default: the network's own random initialisation, so
+            Δθ is what training learned), ``"pretrained"`` (pretrained weights that were then fine-tuned: Δθ is
+            what the fine-tuning changed, and the features say nothing of what pretraining learned) or
+            ``"other"`` (any other parameter setting, e.g. a re-initialised copy: Δθ is a difference between two
+            networks, not a training run). Anything but the default puts `init_note` in every result
+            (``meta["init_kind"]``, `Analysis.notes`, the report).
         forward: ``callable(model, batch) -> output`` for batches the default convention does not cover. By
             default a tensor batch is ``model(x)``, a tuple/list ``(inputs, targets, ...)`` is ``model(inputs)``
             and a dict is ``model(**batch)`` (the Hugging Face way); the readout always gets the whole batch.
@@ -193,6 +202,7 @@ class DualModel:
         fallback_chunk: int | None = None,
         fail_mode: str = "fallback",
         forward: Forward | None = None,
+        init_kind: str = "initialisation",
     ):
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -203,6 +213,7 @@ class DualModel:
             raise ConfigError(f"nodes must be a positive integer (Gauss–Legendre nodes), got {nodes!r}")
         if forward is not None and not callable(forward):
             raise ConfigError(f"forward must be a callable(model, batch) -> output, got {type(forward).__name__}")
+        one_of("init_kind", init_kind, INIT_KINDS)
         _check_modes(model)
         self._user_model = model
         copied = dtype is not None
@@ -244,6 +255,8 @@ class DualModel:
             slots.append(ParamSlot(n, self.state_names[n], tuple(p.shape), offset))
             offset += p.numel()
         self.ids = FeatureIds(slots)
+        self.init_kind = init_kind
+        self.init_note = _INIT_NOTES[init_kind]
         self.precision_note = _precision_note(self.dtype)
         if self.precision_note is not None:
             warnings.warn(f"efffeat: {self.precision_note}", PrecisionWarning, stacklevel=2)
@@ -512,6 +525,7 @@ class DualModel:
             "n_heads": n_heads_of(self.model),
             "readouts": [p for p in ("init", "trained") if p in z],
             "precision_note": self.precision_note,
+            "init_kind": self.init_kind,
         }
         missing = torch.full_like(z_first, math.nan)
         return EffectiveFeatures(
@@ -870,6 +884,19 @@ def _check_order(order: Any, allow_auto: bool = False) -> str:
     if not isinstance(order, str) or order not in choices:
         raise ConfigError(f"unknown order {order!r}; choose one of {', '.join(repr(o) for o in choices)}")
     return order
+
+
+_INIT_NOTES: dict[str, str | None] = {
+    "initialisation": None,
+    "pretrained": (
+        "θ0 is a pretrained network, not a random initialisation: Δθ = θ* − θ0 and the effective features describe "
+        "what fine-tuning changed, not what pretraining learned"
+    ),
+    "other": (
+        "θ0 is not the network's initialisation (init_kind='other'): Δθ = θ* − θ0 is a difference between two "
+        "parameter settings, not a training run, and the features explain that difference only"
+    ),
+}
 
 
 def _precision_note(dtype: torch.dtype) -> str | None:

@@ -34,7 +34,8 @@ def counted(monkeypatch):
     return dual, (x, y), calls
 
 
-def test_the_journey_makes_one_feature_pass(counted, tmp_path):
+def test_the_journey_makes_one_feature_pass_per_order(counted, tmp_path):
+    """The analysed order's features once, and those at init once, for the kernel change ΔΘ of the report."""
     dual, data, calls = counted
     an = ef.analyse(dual, data, group="neuron", n_eigen=4)
     top = ef.max_activating(an.features, an.table.ids[:3], k=5)
@@ -46,7 +47,7 @@ def test_the_journey_makes_one_feature_pass(counted, tmp_path):
     )
     ef.report(an, tmp_path / "report.html", top=2)
     ef.report(an, tmp_path / "again.html", top=1)
-    assert calls["feature passes"] == 1
+    assert calls["feature passes"] == 2
     assert {k: v for k, v in calls.items() if k.startswith("completeness")} == {
         f"completeness {o}": 1 for o in ef.ORDERS
     }
@@ -83,3 +84,35 @@ def test_analysis_checks_its_settings_and_reuses_given_features(counted):
     assert an.table.ids == ef.rank(feats, group="neuron").ids
     assert "computed=['features', 'table', 'spectrum']" in repr(an)
     assert calls["feature passes"] == 2  # the two dual.features calls above, none by the Analysis
+
+
+def test_the_kernel_change_is_that_of_the_analysed_features(counted):
+    dual, data, calls = counted
+    an = ef.Analysis(dual, data, n_eigen=0, n_change=4)
+    change = an.kernel_change
+    assert an.kernel_change is change and calls["feature passes"] == 2
+    alone = ef.kernel_change(dual, data, order="nlo", k=4)
+    torch.testing.assert_close(change.values, alone.values, rtol=1e-5, atol=0)
+    overlap = (change.direction_matrix @ alone.direction_matrix.T).abs().diagonal()
+    assert overlap.min() > 1 - 1e-4
+    assert change.meta["order"] == "nlo" and change.meta["against"] == "init"
+    assert ef.Analysis(dual, data, n_change=0).kernel_change is None
+    assert ef.Analysis(dual, data, order="init", n_change=4).kernel_change is None  # ΔΘ = 0 at init
+
+
+@pytest.mark.parametrize("kind", ["pretrained", "other"])
+def test_a_theta0_that_is_no_initialisation_is_said_everywhere(kind, tmp_path):
+    model, init, x, y = trained_digits_mlp(60, torch.nn.Tanh, steps=10)
+    dual = ef.DualModel(model, init, readout=correct_logit, order="path", progress=False, init_kind=kind)
+    an = ef.analyse(dual, (x, y), n_eigen=0, n_change=2)
+    assert an.features.meta["init_kind"] == kind
+    assert an.notes[0] == dual.init_note and "θ0 is" in dual.init_note
+    page = ef.report(an, tmp_path / "r.html", top=0, change_top=1).read_text()
+    assert "What training changed: the kernel change ΔΘ" in page and "mode 0: λ =" in page
+    assert "<b>Note:</b> θ0 is" in page
+    assert ("fine-tun" if kind == "pretrained" else "not a training run") in page
+    assert ef.load(ef.save(an.features, tmp_path / "f.safetensors")).meta["init_kind"] == kind
+    plain = ef.DualModel(model, init, readout=correct_logit, order="path", progress=False)
+    assert plain.init_note is None and ef.Analysis(plain, (x, y)).notes == []
+    with pytest.raises(ef.ConfigError, match="init_kind"):
+        ef.DualModel(model, init, init_kind="random")

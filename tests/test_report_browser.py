@@ -84,8 +84,8 @@ def drawn_fraction(pixels: np.ndarray) -> float:
 
 
 def dashboards(dom: str) -> list[str]:
-    """The HTML of each dashboard of a rendered report (from its heading to the next)."""
-    return re.split(r"<h3>\d+\. ", dom)[1:]
+    """The HTML of each ranked feature's dashboard of a rendered report (from its heading to the next)."""
+    return [re.split(r"<h3>mode |<h2", part)[0] for part in re.split(r"<h3>\d+\. ", dom)[1:]]
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +139,8 @@ def tms_report(tmp_path_factory):
 
 @pytest.mark.parametrize(
     ("which", "n_figures"),
-    [("cnn_report", 5), ("bridge_report", 4), ("tms_report", 5)],  # ranking, 2 dashboards, spectrum, 1 more
+    # ranking, 2 dashboards, spectrum, 1 more; the kernel change's spectrum and its 2 modes' dashboards
+    [("cnn_report", 8), ("bridge_report", 7), ("tms_report", 8)],
 )
 def test_reports_render_offline_without_console_errors(which, n_figures, request):
     found = request.getfixturevalue(which)
@@ -152,6 +153,7 @@ def test_reports_render_offline_without_console_errors(which, n_figures, request
     assert dom.stdout.count('class="main-svg"') >= n_figures
     assert "Summary" in dom.stdout and "Completeness residual</b> r =" in dom.stdout  # the legend
     assert "It can exceed 100 %" in dom.stdout
+    assert "What training changed: the kernel change ΔΘ" in dom.stdout and "<h3>mode 1: λ =" in dom.stdout
 
 
 def test_token_dashboards_highlight_every_token_and_draw_the_heads_attention(bridge_report):

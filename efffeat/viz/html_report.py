@@ -49,6 +49,7 @@ def report(
     comparison: Any = None,
     orders: Sequence[str] = ORDERS,
     top: int = 5,
+    change_top: int = 2,
     title: str | None = None,
     figures_extra: Mapping[str, go.Figure] | None = None,
     dashboard_options: Mapping[str, Any] | None = None,
@@ -58,10 +59,11 @@ def report(
 
     ``report(analysis, path)`` reports an `efffeat.Analysis` (nothing it already holds is computed again);
     ``report(dual, data, path, by=..., group=..., n_eigen=...)`` analyses `data` first (options as
-    `efffeat.Analysis`). Sections: the summary (model, parameters, examples, readout, the completeness of
-    each of `orders`, each computed once), the ranking, the dashboards of the `top` ranked features, the
-    spectrum of the effective kernel, the comparison with baselines when `comparison` is given, and any
-    `figures_extra` ({title: figure}).
+    `efffeat.Analysis`). Sections: the summary (model, parameters, examples, readout, what θ0 is, the
+    completeness of each of `orders`, each computed once, and notes on θ0 and precision), the ranking, the
+    dashboards of the `top` ranked features, the spectrum of the effective kernel, what training changed (the
+    eigenfeatures of the kernel change ΔΘ = Θ_order − Θ_init, the top `change_top` with dashboards), the
+    comparison with baselines when `comparison` is given, and any `figures_extra` ({title: figure}).
 
     Args:
         source: an `efffeat.Analysis`, or a `DualModel` followed by its data.
@@ -89,6 +91,7 @@ def report(
             f"cannot write the report to {str(path)!r}: the directory {str(path.parent)!r} does not exist"
         )
     integer("top", top, minimum=0)
+    integer("change_top", change_top, minimum=0)
     dual, data, features, table = an.dual, an.data, an.features, an.table
     completeness = an.completeness_by_order(orders)
     residual = an.completeness()
@@ -108,6 +111,19 @@ def report(
     if an.spectrum is not None:
         body = _spectrum_legend() + _figure_html(figures.spectrum(an.spectrum))
         sections.append(("spectrum", "Spectrum of the effective kernel", body))
+    change = an.kernel_change
+    if change is not None and len(change):
+        shown = [
+            f"<h3>mode {i}: λ = {float(change.values[i]):.4g}</h3>"
+            + _dashboard_html(
+                feature_dashboard(
+                    dual, i, data=data, features=features, eigen=change, completeness=residual, **options
+                )
+            )
+            for i in range(min(change_top, len(change)))
+        ]
+        body = _change_legend(change) + _modes_html(change) + _figure_html(figures.spectrum(change)) + "".join(shown)
+        sections.append(("change", "What training changed: the kernel change ΔΘ", body))
     if comparison is not None:
         body = _records_html(figures.as_records(comparison)) + _figure_html(figures.comparison(comparison))
         sections.append(("comparison", "Comparison with baselines", body))
@@ -172,6 +188,7 @@ def _summary_html(dual: Any, features: Any, completeness: Mapping[str, float], r
         ("examples", f"{features.n_examples:,}"),
         ("readout", f"{dual.readout.name} ({readout})"),
         ("order of the features shown", f"{features.order} (completeness residual {residual:.3g})"),
+        ("θ0", _INIT_KINDS[dual.init_kind]),
         ("|Δθ| = |θ* − θ0|", f"{dual.delta_norm():.4g}"),
     ]
     body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
@@ -187,10 +204,49 @@ def _summary_html(dual: Any, features: Any, completeness: Mapping[str, float], r
             "sum over all of them, and each dashboard draws the component the feature contributes most to, "
             "named in its subtitle as <i>readout component k</i>.</p>"
         )
+    notes = (n for n in (dual.init_note, dual.precision_note) if n)  # the residual has its own box
+    boxes = "".join(f"<div class='warning'><b>Note:</b> {html.escape(n)}.</div>" for n in notes)
     return (
-        f"<table class='data'>{body}</table><div class='legend'>{legend}</div>"
+        f"{boxes}<table class='data'>{body}</table><div class='legend'>{legend}</div>"
         f"<table class='data'><tr><th>order</th><th>completeness residual</th></tr>{orders}</table>"
     )
+
+
+_INIT_KINDS = {
+    "initialisation": "the network's random initialisation (Δθ is what training learned)",
+    "pretrained": "pretrained weights, then fine-tuned (Δθ is what fine-tuning changed)",
+    "other": "another parameter setting, not the network's initialisation (Δθ is not a training run)",
+}
+
+
+def _change_legend(change: Any) -> str:
+    m = change.meta
+    residuals = m.get("completeness") or {}
+    done = ", ".join(f"{k} {residuals[k]:.3g}" for k in ("order", "against") if residuals.get(k) is not None)
+    return (
+        "<div class='legend'><p>The kernel of the trained network, Θ = Σ<sub>μ</sub> φᴱ<sub>μ</sub>(x) "
+        "φᴱ<sub>μ</sub>(x′), holds what training added <i>and</i> what the random initialisation already had. "
+        f"Its change ΔΘ = Θ<sub>{html.escape(str(m.get('order')))}</sub> − Θ<sub>init</sub> keeps only what "
+        "training changed. Its eigenfunctions (centred over the examples, ranked by |λ|; a negative λ is a "
+        "direction training removed) are the learned modes; each has a direction in parameter space, the "
+        "change of the features along it, whose largest parts are listed per tensor. Below: the modes' "
+        "examples, values and weight pictures, as for a feature."
+        + (f" Completeness residuals of the two kernels' features: {html.escape(done)}." if done else "")
+        + "</p></div>"
+    )
+
+
+def _modes_html(change: Any, n_modes: int = 10, n_tensors: int = 3) -> str:
+    """One row per mode: λ, and the tensors that carry most of its parameter direction (share of ‖d‖²)."""
+    rows = []
+    for i in range(min(n_modes, len(change))):
+        shares = {name: float(b.square().sum()) for name, b in change.blocks(i).items()}
+        total = sum(shares.values()) or 1.0
+        top = sorted(shares, key=lambda n: -shares[n])[:n_tensors]
+        where = ", ".join(f"{html.escape(n)} {shares[n] / total:.0%}" for n in top)
+        rows.append(f"<tr><td>{i}</td><td class='num'>{float(change.values[i]):.4g}</td><td>{where}</td></tr>")
+    head = "<tr><th>mode</th><th>λ</th><th>where its direction lies (share of ‖d‖²)</th></tr>"
+    return f"<table class='data'>{head}{''.join(rows)}</table>"
 
 
 def _ranking_legend(table: Any) -> str:

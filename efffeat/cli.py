@@ -3,7 +3,7 @@
 ::
 
     efffeat train tms --out runs/tms              # trains and saves runs/tms/run.safetensors
-    efffeat analyse runs/tms --order nlo --report runs/tms/report.html
+    efffeat analyse runs/tms --report runs/tms/report.html   # --order auto: nlo, else path with nodes
     efffeat search runs/tms --feature "encoder.weight[1,:]" -k 16
     efffeat compare runs/tms
     efffeat report runs/tms
@@ -15,7 +15,10 @@ the data (a tensor, a tuple of tensors or a dict of tensors, in a ``.pt`` or ``.
 
     efffeat analyse out/ --model mypkg.models:build --init init.pt --trained trained.pt --data data.pt
 
-writes the same table, ``out/analysis.json`` and ``--report`` as for a zoo run.
+writes the same table, ``out/analysis.json`` and ``--report`` as for a zoo run; ``efffeat search out/`` and
+``efffeat report out/`` then analyse the same model and files again (``analysis.json`` names them).
+``--init-kind pretrained`` says that θ0 are pretrained weights that were fine-tuned (``other``: θ0 is no
+initialisation at all), and every result says so.
 
 Exit codes: 0 done; 1 an unexpected failure (a bug: rerun with ``--debug`` for the traceback); 2 bad usage
 or bad input (unknown option, a value out of range, missing run, bad path or file, unknown feature id, a full
@@ -70,6 +73,8 @@ class Subject:
     data: Any
     figures: Callable[[], dict[str, Any]] = dict  # {title: figure} of the report
     dashboard_options: dict[str, Any] = field(default_factory=dict)
+    init_kind: str = "initialisation"
+    files: dict[str, str] | None = None  # your own model: --model and the files, as analysis.json keeps them
 
     @staticmethod
     def from_run(run: Any) -> Subject:
@@ -120,38 +125,63 @@ def cmd_analyse(args: argparse.Namespace) -> None:
         raise UsageError(
             f"{', '.join(own)} {'is' if len(own) == 1 else 'are'} for your own model: add --model MODULE:FUNCTION"
         )
+    if args.model is None and args.init_kind is not None:
+        raise UsageError("--init-kind is for your own model (a zoo run starts from its initialisation)")
     subject = _own_model(args) if args.model is not None else Subject.from_run(_load_run(args.dir))
     if args.readout is not None:
         subject.readout = args.readout
-    an = _analysis(subject, args.order, args.max_examples, args.by, args.group)
+    an = _analysis(subject, args.order, args.max_examples, args.by, args.group, args.nodes, args.change)
     dual, feats, table = an.dual, an.features, an.table
     completeness = an.completeness_by_order()
     print(f"{subject.name}: {dual.n_features:,} parameters, {feats.n_examples:,} examples, readout {dual.readout.name}")
+    order = an.order
+    nodes = f" ({dual.nodes} nodes)" if order == "path" else ""
+    print(f"order {order}{nodes}: {an.order_reason}")
+    for note in an.notes:
+        print(f"note: {note}")
     print("completeness residual of the dual model (0 = exact):")
     for o, c in completeness.items():
-        print(f"  {o:<8} {c:.4g}{'   <- features shown' if o == args.order else ''}")
+        print(f"  {o:<8} {c:.4g}{'   <- features shown' if o == order else ''}")
     print(f"top {min(args.top, len(table))} of {len(table)} by {args.by} (group {args.group}):")
     for row in table.to_records()[: args.top]:
         print(f"  {row['rank']:>3}. {row['id']:<40} {row['score']:.4g}")
+    change = an.kernel_change
+    if change is not None:
+        print(f"kernel change ΔΘ = Θ_{order} − Θ_init, top {len(change)} modes (centred, by |λ|):")
+        for i in range(len(change)):
+            print(f"  {i:>3}. λ {float(change.values[i]):<11.4g} {_where(change, i)}")
     analysis = {
-        "order": args.order,
+        "order": order,
+        "order_reason": an.order_reason,
+        "nodes": dual.nodes,
         "by": args.by,
         "group": args.group,
         "completeness": completeness,
         "ranking": table.to_records()[: args.top],
     }
+    if subject.files is not None:
+        analysis["model"] = subject.files
     _write_json(Path(args.dir) / ANALYSIS_FILE, analysis)
     if args.report:
         path = _write_report(subject, an, Path(args.report), top=args.dashboards)
         print(f"report: {path}")
 
 
+def _where(change: Any, i: int, n: int = 3) -> str:
+    """The tensors that carry most of mode i's parameter direction, with their share of it."""
+    shares = {name: float(b.square().sum()) for name, b in change.blocks(i).items()}
+    total = sum(shares.values()) or 1.0
+    return ", ".join(f"{name} {shares[name] / total:.0%}" for name in sorted(shares, key=lambda k: -shares[k])[:n])
+
+
 def cmd_search(args: argparse.Namespace) -> None:
+    from .dual import AUTO
     from .search import max_activating
 
-    subject = Subject.from_run(_load_run(args.dir))
     settings = _analysis_settings(args.dir)
-    dual, data = _dual(subject, args.order or settings.get("order", "nlo"), args.max_examples)
+    subject = _subject(args.dir, settings)
+    order = args.order or settings.get("order", AUTO)
+    dual, data = _dual(subject, order, args.max_examples, settings.get("nodes", 4) if order == "path" else 4)
     top = max_activating(dual, data, [args.feature], k=args.k, by=args.by, largest=not args.bottom)
     entry = top[args.feature]
     labels = data[1] if isinstance(data, tuple) and len(data) > 1 else None
@@ -165,6 +195,11 @@ def cmd_search(args: argparse.Namespace) -> None:
 def cmd_compare(args: argparse.Namespace) -> None:
     from .baselines.compare import compare
 
+    if not (Path(args.dir) / RUN_FILE).is_file() and "model" in _analysis_settings(args.dir):
+        raise UsageError(
+            "compare scores against a zoo run's ground truth; for your own model call "
+            "ef.compare(dual, data, probe=..., labels=...) or truth=... in Python"
+        )
     run = _load_run(args.dir)
     table = compare(run, methods=tuple(args.methods)) if args.methods else compare(run)
     print(table)
@@ -173,11 +208,14 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    subject = Subject.from_run(_load_run(args.dir))
+    from .dual import AUTO
+
     settings = _analysis_settings(args.dir)
-    order = args.order or settings.get("order", "nlo")
+    subject = _subject(args.dir, settings)
+    order = args.order or settings.get("order", AUTO)
     by, group = settings.get("by", "contribution"), settings.get("group", "neuron")
-    an = _analysis(subject, order, args.max_examples, by, group)
+    nodes = settings.get("nodes", 4) if order == "path" else 4
+    an = _analysis(subject, order, args.max_examples, by, group, nodes, args.change)
     comparison = _comparison(args.dir)
     out = Path(args.out) if args.out else Path(args.dir) / REPORT_FILE
     path = _write_report(subject, an, out, comparison=comparison, top=args.dashboards)
@@ -198,7 +236,19 @@ def _load_run(directory: str) -> Any:
     return load(path / RUN_FILE)
 
 
-def _dual(subject: Subject, order: str, max_examples: int) -> tuple[Any, Any]:
+def _subject(directory: str, settings: dict[str, Any]) -> Subject:
+    """What `directory` holds: a zoo run, or your own model and files as ``efffeat analyse --model`` named them."""
+    if (Path(directory) / RUN_FILE).is_file() or "model" not in settings:
+        return Subject.from_run(_load_run(directory))
+    files = settings["model"]
+    args = argparse.Namespace(dir=directory, **{k: files.get(k) for k in ("model", "init", "trained", "data")})
+    args.init_kind = files.get("init_kind")
+    subject = _own_model(args)
+    subject.readout = files.get("readout", "output")
+    return subject
+
+
+def _dual(subject: Subject, order: str, max_examples: int, nodes: int = 4) -> tuple[Any, Any]:
     """The subject's `DualModel` at `order` and its first `max_examples` examples."""
     from .dual import DualModel
 
@@ -209,15 +259,20 @@ def _dual(subject: Subject, order: str, max_examples: int) -> tuple[Any, Any]:
         data = {k: t[:max_examples] for k, t in data.items()}
     else:
         data = data[:max_examples]
-    return DualModel(subject.model, init=subject.init, readout=subject.readout, order=order), data
+    dual = DualModel(
+        subject.model, init=subject.init, readout=subject.readout, order=order, nodes=nodes, init_kind=subject.init_kind
+    )
+    return dual, data
 
 
-def _analysis(subject: Subject, order: str, max_examples: int, by: str, group: str) -> Any:
+def _analysis(
+    subject: Subject, order: str, max_examples: int, by: str, group: str, nodes: int = 4, n_change: int = 10
+) -> Any:
     """The `Analysis` of the subject's first `max_examples` examples at `order`, ranked `by` / `group`."""
     from .analysis import Analysis
 
-    dual, data = _dual(subject, order, max_examples)
-    return Analysis(dual, data, by=by, group=group)
+    dual, data = _dual(subject, order, max_examples, nodes)
+    return Analysis(dual, data, by=by, group=group, n_change=n_change)
 
 
 def _write_report(subject: Subject, an: Any, path: Path, **options: Any) -> Path:
@@ -247,12 +302,15 @@ def _read_json(path: Path, check: Callable[[Any, str], Any], fix: str) -> Any:
 def _analysis_settings(directory: str) -> dict[str, Any]:
     """``analysis.json`` of a run directory (its order, ranking criterion and group), or {} if there is none."""
     from . import io
-    from .dual import ORDERS
+    from .dual import INIT_KINDS, ORDERS
     from .ranking import CRITERIA, GROUPS
 
     path = Path(directory) / ANALYSIS_FILE
     if not path.is_file():
         return {}
+
+    def readout(value: Any, where: str) -> str | int:
+        return value if value == "output" else io.whole()(value, where)
 
     def check(value: Any, where: str) -> dict[str, Any]:
         fields = {
@@ -262,7 +320,14 @@ def _analysis_settings(directory: str) -> dict[str, Any]:
             "completeness": io.dict_of(io.number(finite=False)),
             "ranking": io.list_of(io.dict_of()),
         }
-        return io.record(value, where, fields)
+        model = {"model": io.text(), "init": io.text(), "trained": io.text(), "data": io.text()}
+        model_options = {"init_kind": io.text(INIT_KINDS), "readout": readout}
+        optional = {
+            "order_reason": io.text(),
+            "nodes": io.whole(minimum=1),
+            "model": lambda v, w: io.record(v, w, model, model_options),
+        }
+        return io.record(value, where, fields, optional)
 
     return _read_json(path, check, f"run efffeat analyse {directory} again")
 
@@ -305,7 +370,22 @@ def _own_model(args: argparse.Namespace) -> Subject:
     model.load_state_dict(trained)
     model.eval()
     Path(args.dir).mkdir(parents=True, exist_ok=True)
-    return Subject(args.model, model, init, "output", data)
+    files = {
+        "model": _absolute(args.model),
+        "init": str(Path(args.init).resolve()),
+        "trained": str(Path(args.trained).resolve()),
+        "data": str(Path(args.data).resolve()),
+        "init_kind": args.init_kind or "initialisation",
+    }
+    if getattr(args, "readout", None) is not None:
+        files["readout"] = args.readout
+    return Subject(args.model, model, init, "output", data, init_kind=files["init_kind"], files=files)
+
+
+def _absolute(spec: str) -> str:
+    """`spec` with a ``file.py`` made absolute, so that later commands find it from any directory."""
+    target, _, name = spec.rpartition(":")
+    return f"{Path(target).resolve()}:{name}" if target.endswith(".py") else spec
 
 
 def _factory(spec: str) -> Callable[[], Any]:
@@ -463,8 +543,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .dual import ORDERS
+    from .dual import AUTO, INIT_KINDS, ORDERS
     from .ranking import CRITERIA, GROUPS
+    from .search import BY as SEARCH_BY
 
     parser = _Parser(
         prog="efffeat",
@@ -522,12 +603,25 @@ def build_parser() -> argparse.ArgumentParser:
     own.add_argument(
         "--readout", type=_readout, default=None, help="'output' (default) or an output index (default: the run's)"
     )
-    p.add_argument("--order", choices=ORDERS, default="nlo", help="order of the effective features (default nlo)")
+    own.add_argument(
+        "--init-kind",
+        choices=INIT_KINDS,
+        default=None,
+        help="what --init is: initialisation (default), pretrained (then fine-tuned), other (no initialisation)",
+    )
+    p.add_argument(
+        "--order",
+        choices=(AUTO, *ORDERS),
+        default=AUTO,
+        help="order of the effective features (default auto: nlo if its residual is ≤ 0.1, else path)",
+    )
+    p.add_argument("--nodes", type=_positive, default=4, help="Gauss–Legendre nodes of path (auto: the first tried)")
     p.add_argument("--by", choices=list(CRITERIA), default="contribution", help="ranking score (default contribution)")
     p.add_argument("--group", choices=GROUPS, default="neuron", help="ranking groups (default neuron)")
     p.add_argument("--top", type=_positive, default=10, help="rows of the ranking printed (default 10)")
     p.add_argument("--dashboards", type=_count, default=5, help="feature dashboards in the report")
     p.add_argument("--report", metavar="PATH", default=None, help="write the HTML report to PATH")
+    p.add_argument("--change", type=_count, default=10, help="modes of the kernel change ΔΘ shown (default 10)")
     p.set_defaults(func=cmd_analyse)
 
     p = sub.add_parser(
@@ -538,9 +632,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--feature", required=True, metavar="ID", help="feature or group id, e.g. '0.weight[3,:]'")
     p.add_argument("-k", type=_positive, default=16, help="examples to show (default 16)")
-    p.add_argument("--by", choices=("value", "contribution"), default="value", help="value φᴱ or contribution")
+    p.add_argument(
+        "--by", choices=SEARCH_BY, default="value", help="value φᴱ, contribution Δθ·φᴱ, or a group's norm ‖φᴱ_G‖"
+    )
     p.add_argument("--bottom", action="store_true", help="the smallest values instead of the largest")
-    p.add_argument("--order", choices=ORDERS, default=None, help="order (default: the analysis's, else nlo)")
+    p.add_argument("--order", choices=ORDERS, default=None, help="order (default: the analysis's, else auto)")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser(
@@ -559,8 +655,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write the run's HTML report (DIR/report.html), with the comparison when compare was run.",
     )
     p.add_argument("--out", metavar="PATH", default=None, help="where to write it (default DIR/report.html)")
-    p.add_argument("--order", choices=ORDERS, default=None, help="order (default: the analysis's, else nlo)")
+    p.add_argument("--order", choices=ORDERS, default=None, help="order (default: the analysis's, else auto)")
     p.add_argument("--dashboards", type=_count, default=5, help="feature dashboards in the report")
+    p.add_argument("--change", type=_count, default=10, help="modes of the kernel change ΔΘ (default 10)")
     p.set_defaults(func=cmd_report)
     return parser
 

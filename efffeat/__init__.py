@@ -31,7 +31,7 @@ from .errors import (
     SaveFileError,
     UnsupportedModelError,
 )
-from .factors import DenseFactor, LowRankFactor
+from .factors import DenseFactor, EmbeddingFactor, LowRankFactor
 from .features import EffectiveFeatures
 from .ids import FeatureIds
 from .io import load, save
@@ -83,6 +83,7 @@ __all__ = [
     "Criterion",
     "DataError",
     "DenseFactor",
+    "EmbeddingFactor",
     "DualModel",
     "EffectiveFeatures",
     "EfffeatError",

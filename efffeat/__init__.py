@@ -33,7 +33,8 @@ from .errors import (
 )
 from .factors import DenseFactor, EmbeddingFactor, LowRankFactor
 from .features import EffectiveFeatures
-from .ids import FeatureIds
+from .ids import FeatureIds, ParsedId
+from .ids import parse as parse_id
 from .io import load, save
 from .nn import TransposedLinear
 from .ranking import Criterion, FeatureTable, per_example_norms, rank, register_criterion
@@ -90,6 +91,8 @@ __all__ = [
     "FallbackWarning",
     "FeatureIdError",
     "FeatureIds",
+    "ParsedId",
+    "parse_id",
     "FeatureTable",
     "InitStateError",
     "KernelChange",

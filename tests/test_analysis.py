@@ -96,6 +96,9 @@ def test_the_kernel_change_is_that_of_the_analysed_features(counted):
     overlap = (change.direction_matrix @ alone.direction_matrix.T).abs().diagonal()
     assert overlap.min() > 1 - 1e-4
     assert change.meta["order"] == "nlo" and change.meta["against"] == "init"
+    assert ef.viz.spectrum(change).layout.title.text.startswith("Spectrum of the kernel change ΔΘ = Θ_nlo − Θ_init")
+    dash = ef.viz.feature_dashboard(dual, 1, data=data, features=an.features, eigen=change)
+    assert "change[1]" in dash.figure.layout.title.text and "of the kernel change ΔΘ" in dash.figure.layout.title.text
     assert ef.Analysis(dual, data, n_change=0).kernel_change is None
     assert ef.Analysis(dual, data, order="init", n_change=4).kernel_change is None  # ΔΘ = 0 at init
 

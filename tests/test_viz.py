@@ -322,8 +322,8 @@ def test_report_is_one_self_contained_file(digits, tmp_path):
     own = text.replace(get_plotlyjs(), "")
     assert not re.search(r"<script[^>]*\bsrc=|<link[^>]*\bhref=|https?://", own)  # nothing fetched
     divs = re.findall(r'<div id="([0-9a-f-]+)" class="plotly-graph-div"', text)
-    assert len(divs) == 1 + 2 + 1 + 3 + 1  # ranking, 2 dashboards, spectrum, ΔΘ and its 2 modes, comparison
-    for section in ("summary", "ranking", "dashboards", "spectrum", "change", "comparison"):
+    assert len(divs) == 1 + 2 + 1 + 1  # ranking, 2 dashboards, spectrum, comparison
+    for section in ("summary", "ranking", "dashboards", "spectrum", "comparison"):
         assert f"<section id='{section}'>" in text
     for order in ef.ORDERS:
         value = digits.dual.completeness(digits.data, order=order)

@@ -31,9 +31,10 @@ from .errors import (
     SaveFileError,
     UnsupportedModelError,
 )
-from .factors import DenseFactor, LowRankFactor
+from .factors import DenseFactor, EmbeddingFactor, LowRankFactor
 from .features import EffectiveFeatures
-from .ids import FeatureIds
+from .ids import FeatureIds, ParsedId
+from .ids import parse as parse_id
 from .io import load, save
 from .nn import TransposedLinear
 from .ranking import Criterion, FeatureTable, per_example_norms, rank, register_criterion
@@ -83,12 +84,15 @@ __all__ = [
     "Criterion",
     "DataError",
     "DenseFactor",
+    "EmbeddingFactor",
     "DualModel",
     "EffectiveFeatures",
     "EfffeatError",
     "FallbackWarning",
     "FeatureIdError",
     "FeatureIds",
+    "ParsedId",
+    "parse_id",
     "FeatureTable",
     "InitStateError",
     "KernelChange",

@@ -1,16 +1,17 @@
 """`Analysis`: everything efffeat says about one model on one dataset, each result computed once.
 
-The features of the dataset (one pass over the data), their ranking, the spectrum of their kernel, the
-eigenfeatures of the kernel change ΔΘ = Θ_order − Θ_init (what training changed; one more pass, at ``init``)
-and the completeness of the dual model at each order are computed on first use and kept; the report, the command
-line and the dashboards read them from here instead of computing them again. Searches over the analysed
-data run on the stored features (no further pass). The order of the features (``order="auto"`` decided on the
-analysed data), why it was chosen and the notes a reader should see (low precision, a large completeness
-residual, a θ0 that is not a random initialisation) are `order`, `order_reason` and `notes`.
+The features of the dataset (one pass over the data), their ranking, the spectrum of their kernel, on request
+the eigenfeatures of the kernel change ΔΘ = Θ_order − Θ_init (what training changed; one more pass, at
+``init``) and the completeness of the dual model at each order are computed on first use and kept; the
+report, the command line and the dashboards read them from here instead of computing them again. Searches
+over the analysed data run on the stored features (no further pass). The order of the features
+(``order="auto"`` decided on the analysed data), why it was chosen and the notes a reader should see (low
+precision, a large completeness residual, a θ0 that is not a random initialisation) are `order`,
+`order_reason` and `notes`.
 
 Example::
 
-    an = ef.analyse(dual, x, by="contribution", group="neuron")
+    an = ef.analyse(dual, x, by="contribution", group="neuron", n_change=10)
     an.table.ids[:5], an.completeness(), an.completeness_by_order()
     an.order, an.order_reason, an.notes
     an.kernel_change.values, an.kernel_change.input_directions("0.weight")
@@ -44,8 +45,9 @@ class Analysis:
         order: the order of the features (default: the model's; a model's ``"auto"`` is decided on `data`).
         by, group: the ranking (`efffeat.rank`).
         n_eigen: eigenfeatures of the kernel to compute (0 for none); capped by the kernel's rank bound.
-        n_change: eigenfeatures of the kernel change ΔΘ = Θ_order − Θ_init to compute (0 for none; none at order
-            ``init``, where ΔΘ = 0); they cost one feature pass at ``init`` when first used.
+        n_change: eigenfeatures of the kernel change ΔΘ = Θ_order − Θ_init to compute (default 0: none; none at
+            order ``init``, where ΔΘ = 0); they cost one feature pass at ``init`` when first used (the report
+            shows them when asked for; ``efffeat analyse`` asks for 10).
         batch_size: examples per batch of the feature pass (None: sized from the memory available).
         features: the features of `data` at `order` when they are already computed (no pass is made).
 
@@ -61,7 +63,7 @@ class Analysis:
         by: str = "contribution",
         group: GroupSpec = "neuron",
         n_eigen: int = 20,
-        n_change: int = 10,
+        n_change: int = 0,
         batch_size: int | None = None,
         features: EffectiveFeatures | None = None,
     ):

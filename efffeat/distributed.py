@@ -13,10 +13,14 @@ its shard of the data, and the functions here combine the shards (gloo on CPUs, 
     table = dist.rank(feats, by="contribution", group="neuron")   # the table of the whole dataset, every rank
     K = dist.kernel(feats, dst=0)                    # [N, N] on rank 0 (None elsewhere)
 
-Sharding: a tensor or ``(inputs, targets)`` tuple is split into contiguous blocks of rows, rank r taking
-block r, so the global example order is the data's own; any other iterable is taken as this rank's own
-batches (e.g. a ``DataLoader`` over a ``DistributedSampler``) and the global order is the ranks' shards
-concatenated in rank order. Every collective must be called by every rank, in the same order.
+Sharding: a tensor, an ``(inputs, targets)`` tuple or a dict of tensors (``model(**batch)``) is split into
+contiguous blocks of rows, rank r taking block r, so the global example order is the data's own; any other
+iterable is taken as this rank's own batches (e.g. a ``DataLoader`` over a ``DistributedSampler``) and the
+global order is the ranks' shards concatenated in rank order. Every collective must be called by every rank,
+in the same order.
+
+A model's ``order="auto"`` is decided once, by rank 0 on its shard's first batch (the dataset's first
+examples, as on one process), and broadcast: every rank computes the same order with the same nodes.
 
 Reductions over examples (`sq_sums`, `rmatvec`, `rank`) all-reduce per-rank partial sums; `kernel` gathers
 the factors (``O(N·(d_in + d_out))``, far smaller than the kernel) so each rank computes its block of rows,
@@ -112,24 +116,50 @@ def shard_range(n: int) -> range:
     return range(rank * n // size, (rank + 1) * n // size)
 
 
-def shard(data: Any) -> Any:
-    """This rank's part of `data`: a block of rows of a tensor / ``(inputs, targets)`` tuple; else `data`."""
+def _rows(data: Any) -> int | None:
+    """Examples of data that is sharded by rows (a tensor, a tuple or a dict of tensors), else None."""
     if isinstance(data, Tensor) and data.ndim:
-        rows = shard_range(data.shape[0])
+        return data.shape[0]
+    parts = list(data.values()) if isinstance(data, dict) else data if isinstance(data, tuple) else []
+    if parts and all(isinstance(t, Tensor) and t.ndim for t in parts):
+        return parts[0].shape[0]
+    return None
+
+
+def shard(data: Any) -> Any:
+    """This rank's part of `data`: a block of rows of a tensor, an ``(inputs, targets)`` tuple or a dict of
+    tensors; any other data (an iterable of batches) is this rank's own and returned as it is."""
+    n = _rows(data)
+    if n is None:
+        return data
+    rows = shard_range(n)
+    if isinstance(data, Tensor):
         return data[rows.start : rows.stop]
-    if isinstance(data, tuple) and data and all(isinstance(t, Tensor) and t.ndim for t in data):
-        rows = shard_range(data[0].shape[0])
-        return tuple(t[rows.start : rows.stop] for t in data)
-    return data
+    if isinstance(data, dict):
+        return {key: t[rows.start : rows.stop] for key, t in data.items()}
+    return tuple(t[rows.start : rows.stop] for t in data)
 
 
 def shard_start(data: Any) -> int | None:
     """Global index of this rank's first example of `data` when it is sharded by rows (None for an iterable)."""
-    if isinstance(data, Tensor) and data.ndim:
-        return shard_range(data.shape[0]).start
-    if isinstance(data, tuple) and data and all(isinstance(t, Tensor) and t.ndim for t in data):
-        return shard_range(data[0].shape[0]).start
-    return None
+    n = _rows(data)
+    return None if n is None else shard_range(n).start
+
+
+def agree_order(dual: DualModel, data: Any, batch_size: int | None = None) -> str:
+    """The dual model's order on every rank: ``"auto"`` is decided by rank 0 on its shard of `data` and
+    broadcast (order, nodes, reason, residual), so that no two ranks compute different orders."""
+    from .dual import AUTO
+
+    if dual.order != AUTO:
+        return dual.order
+    decided = on_every_rank(lambda: dual.resolve_order(shard(data), batch_size) if world()[0] == 0 else None)
+    if _collective():
+        message = [(dual.order, dual.nodes, dual.order_reason, dual.order_completeness) if decided else None]
+        td.broadcast_object_list(message, src=0)
+        dual.order, dual.nodes, reason, dual.order_completeness = message[0]  # type: ignore[misc]
+        dual.order_reason = reason if world()[0] == 0 else f"{reason} (decided on rank 0)"
+    return dual.order
 
 
 def features(dual: DualModel, data: Any, batch_size: int = 256, order: str | None = None) -> EffectiveFeatures:
@@ -137,6 +167,8 @@ def features(dual: DualModel, data: Any, batch_size: int = 256, order: str | Non
 
     If any rank fails (an efffeat error, e.g. NaN in its shard), every rank raises it (`on_every_rank`).
     """
+    if order is None:
+        agree_order(dual, data, batch_size)
     local = shard(data)
     return on_every_rank(lambda: dual.features(local, batch_size=batch_size, order=order), shard_start(data))
 
@@ -366,6 +398,8 @@ def max_activating(dual: DualModel, data: Any, features: Any, k: int = 16, **kwa
     from .search import TopKEntry
     from .search import max_activating as search_local
 
+    if kwargs.get("order") is None:
+        agree_order(dual, data, kwargs.get("batch_size"))
     part = shard(data)
     local = on_every_rank(lambda: search_local(dual, part, features, k=k, **kwargs), shard_start(data))
     n_local, n_out, largest = local.meta["n_examples"], local.meta["n_outputs"], local.meta["largest"]
@@ -374,7 +408,8 @@ def max_activating(dual: DualModel, data: Any, features: Any, k: int = 16, **kwa
     for label, e in local.entries.items():
         pairs = (e.indices + offset) * n_out + (0 if e.components is None else e.components)
         values, pairs = all_gather_topk(e.values, pairs, k, largest)
-        entries[label] = TopKEntry(pairs // n_out, values, None if e.components is None else pairs % n_out)
+        n_zero = int(all_reduce_sum(torch.tensor(e.n_zero, device=_device())))
+        entries[label] = TopKEntry(pairs // n_out, values, None if e.components is None else pairs % n_out, n_zero)
     total = int(all_reduce_sum(torch.tensor(n_local, device=_device())))
     return dataclasses.replace(local, entries=entries, meta={**local.meta, "n_examples": total})
 

@@ -62,8 +62,8 @@ def _digits(steps: int, examples: int, tmp: Path) -> tuple[Path, viz.dashboard.D
     print(f"digits MLP: {run.evaluate()}")
     x, y = run.data
     data = (x[:examples], y[:examples])
-    dual = ef.DualModel(run.model, init=run.init_state, readout=run.readout, order="nlo")
-    an = ef.analyse(dual, data, by="contribution", group="neuron")
+    dual = ef.DualModel(run.model, init=run.init_state, readout=run.readout)  # order auto: path here
+    an = ef.analyse(dual, data, by="contribution", group="neuron", n_change=10)
     report = viz.report(an, tmp / "report.html", top=3, title="efffeat report: digits MLP")
     unit = next(fid for fid in an.table.ids if fid.startswith("0.weight"))
     dashboard = viz.feature_dashboard(

@@ -34,8 +34,7 @@ def counted(monkeypatch):
     return dual, (x, y), calls
 
 
-def test_the_journey_makes_one_feature_pass_per_order(counted, tmp_path):
-    """The analysed order's features once, and those at init once, for the kernel change ΔΘ of the report."""
+def test_the_journey_makes_one_feature_pass(counted, tmp_path):
     dual, data, calls = counted
     an = ef.analyse(dual, data, group="neuron", n_eigen=4)
     top = ef.max_activating(an.features, an.table.ids[:3], k=5)
@@ -47,7 +46,7 @@ def test_the_journey_makes_one_feature_pass_per_order(counted, tmp_path):
     )
     ef.report(an, tmp_path / "report.html", top=2)
     ef.report(an, tmp_path / "again.html", top=1)
-    assert calls["feature passes"] == 2
+    assert calls["feature passes"] == 1
     assert {k: v for k, v in calls.items() if k.startswith("completeness")} == {
         f"completeness {o}": 1 for o in ef.ORDERS
     }
@@ -90,13 +89,16 @@ def test_the_kernel_change_is_that_of_the_analysed_features(counted):
     dual, data, calls = counted
     an = ef.Analysis(dual, data, n_eigen=0, n_change=4)
     change = an.kernel_change
-    assert an.kernel_change is change and calls["feature passes"] == 2
+    assert an.kernel_change is change and calls["feature passes"] == 2  # one at the order, one at init
     alone = ef.kernel_change(dual, data, order="nlo", k=4)
     torch.testing.assert_close(change.values, alone.values, rtol=1e-5, atol=0)
     overlap = (change.direction_matrix @ alone.direction_matrix.T).abs().diagonal()
     assert overlap.min() > 1 - 1e-4
     assert change.meta["order"] == "nlo" and change.meta["against"] == "init"
-    assert ef.Analysis(dual, data, n_change=0).kernel_change is None
+    assert ef.viz.spectrum(change).layout.title.text.startswith("Spectrum of the kernel change ΔΘ = Θ_nlo − Θ_init")
+    dash = ef.viz.feature_dashboard(dual, 1, data=data, features=an.features, eigen=change)
+    assert "change[1]" in dash.figure.layout.title.text and "of the kernel change ΔΘ" in dash.figure.layout.title.text
+    assert ef.Analysis(dual, data).kernel_change is None  # only on request
     assert ef.Analysis(dual, data, order="init", n_change=4).kernel_change is None  # ΔΘ = 0 at init
 
 

@@ -67,7 +67,7 @@ def test_effective_units_are_read_from_the_change_not_the_trained_weights(studen
     dual = ef.DualModel(student.model, student.init_state, readout=0, order="path", dtype=torch.float64, progress=False)
     feats = dual.features(student.data)
     table = ef.rank(feats, by="contribution", group="neuron")
-    rows = [int(i.split("[")[1].split(",")[0]) for i in table.ids if i.startswith("0.weight[")][:4]
+    rows = [ef.parse_id(i).row for i in table.ids if ef.parse_id(i).tensor == "0.weight"][:4]
     delta = (student.model.state_dict()["0.weight"] - student.init_state["0.weight"]).double()
     probe = Probe("1", "0.weight", n_units=4)
     got = compare(dual, student.data, probe=probe, truth=delta[rows], methods=["effective", "weight-change"])

@@ -40,6 +40,19 @@ def setup() -> tuple[ef.DualModel, torch.Tensor]:
     return ef.DualModel(model, init, readout="output", order="nlo", progress=False), x
 
 
+def auto_dual(dual: ef.DualModel) -> ef.DualModel:
+    """The same network at order "auto", taking dict batches ``{"x": [n, 5]}``."""
+    return ef.DualModel(
+        dual.model, dual.theta_init, order="auto", forward=lambda model, batch: model(batch["x"]), progress=False
+    )
+
+
+def auto_data(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Dict batches whose second half (rank 1's shard) is small: deciding "auto" there alone would pick nlo
+    where the dataset's first batch needs path."""
+    return {"x": torch.cat([x[:5], 0.1 * x[5:]])}
+
+
 def global_weights() -> torch.Tensor:
     """``[N, 3]`` example weights for the weighted reductions."""
     return torch.linspace(-1, 2, N * 3, dtype=F64).reshape(N, 3)
@@ -66,7 +79,11 @@ def results(dual: ef.DualModel, x: torch.Tensor, out: Path) -> dict:
     }
     on_disk = dist.kernel_to_disk(dual, x, out / "kernel.npy", block=2)
     search = dist.max_activating(dual, x, SEARCHED, k=4, by="contribution", batch_size=3, progress=False)
+    auto = auto_dual(dual)
+    auto_feats = dist.features(auto, auto_data(x), batch_size=4)
     return {
+        "auto": (auto.order, auto.nodes),
+        "auto_kernel": dist.kernel(auto_feats),
         "search": search_summary(search),
         "n": dist.n_examples(feats),
         "kernel": dist.kernel(feats),
@@ -93,7 +110,11 @@ def reference(dual: ef.DualModel, x: torch.Tensor) -> dict:
         for group in ("param", "neuron")
     }
     search = max_activating(dual, x, SEARCHED, k=4, by="contribution", batch_size=3, progress=False)
+    auto = auto_dual(dual)
+    auto_feats = auto.features(auto_data(x), batch_size=4)
     return {
+        "auto": (auto.order, auto.nodes),
+        "auto_kernel": auto_feats.kernel(),
         "search": search_summary(search),
         "n": N,
         "kernel": feats.kernel(),
@@ -110,17 +131,29 @@ def reference(dual: ef.DualModel, x: torch.Tensor) -> dict:
 
 
 def search_summary(top) -> dict:
-    return {label: (e.indices, e.components, e.values) for label, e in top.entries.items()} | {"meta": top.meta}
+    entries = {label: (e.indices, e.components, e.values, e.n_zero) for label, e in top.entries.items()}
+    return entries | {"meta": top.meta}
 
 
 def assert_match(got: dict, want: dict) -> None:
     assert got["n"] == want["n"]
+    assert got["auto"] == want["auto"]  # decided once, on the dataset's first batch, the same on every rank
     assert got["search"]["meta"] == want["search"]["meta"]
     for label in SEARCHED:
-        (gi, gc, gv), (wi, wc, wv) = got["search"][label], want["search"][label]
-        assert torch.equal(gi, wi) and torch.equal(gc, wc), label
+        (gi, gc, gv, gz), (wi, wc, wv, wz) = got["search"][label], want["search"][label]
+        assert torch.equal(gi, wi) and torch.equal(gc, wc) and gz == wz, label
         torch.testing.assert_close(gv, wv, rtol=1e-12, atol=1e-12)
-    for key in ("kernel", "kernel_dst", "kernel_layer", "gathered_z", "sq_sums", "weighted_sq_sums", "rmatvec", "disk"):
+    for key in (
+        "kernel",
+        "kernel_dst",
+        "kernel_layer",
+        "gathered_z",
+        "sq_sums",
+        "weighted_sq_sums",
+        "rmatvec",
+        "disk",
+        "auto_kernel",
+    ):
         assert got[key].shape == want[key].shape, key
         torch.testing.assert_close(got[key], want[key], rtol=1e-12, atol=1e-12, msg=key)
     assert torch.equal(got["top"][0], want["top"][0]) and torch.equal(got["top"][1], want["top"][1])

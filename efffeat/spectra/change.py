@@ -71,12 +71,7 @@ class ChangeEigenfeature(Eigenfeature):
     """Handle on eigenfeature `index` of a `KernelChange` (what ``change[i]`` returns); `value` is the signed λ."""
 
     source: KernelChange
-
-    @property
-    def id(self) -> str:
-        layer = self.source.meta.get("layer")
-        where = f"@{'+'.join(layer)}" if layer else ""
-        return f"change[{self.index}]{where}"
+    _prefix = "change"
 
     def direction(self, kind: str = "change") -> Tensor:
         """``[P]`` the unit parameter direction of `kind` (`KernelChange.directions`)."""

@@ -82,12 +82,13 @@ class Eigenfeature:
 
     source: Spectrum
     index: int
+    _prefix = "eigen"  # the id's name: eigen[i], change[i] (a class constant, not a field)
 
     @property
     def id(self) -> str:
         layer = self.source.meta.get("layer")
         where = f"@{'+'.join(layer)}" if layer else ""
-        return f"eigen[{self.index}]{where}"
+        return f"{self._prefix}[{self.index}]{where}"
 
     @property
     def value(self) -> float:

@@ -184,7 +184,8 @@ def feature_dashboard(
         view = _eigen_view(dual, eigen, feature, component)
         lam = float(eigen.values[int(feature)])
         sign = " (negative)" if lam < 0 else ""
-        rank_text = f"eigenfeature {int(feature)} of {len(eigen.values)}, eigenvalue {lam:.4g}{sign}"
+        of = " of the kernel change ΔΘ" if eigen.meta.get("against") else ""
+        rank_text = f"eigenfeature {int(feature)} of {len(eigen.values)}{of}, eigenvalue {lam:.4g}{sign}"
         order = eigen.meta.get("order")
     else:
         if features is None:
@@ -324,7 +325,7 @@ def _eigen_view(dual: Any, eigen: Any, i: Any, component: int | None) -> Feature
     index = (row,) + (slice(None),) * (part.ndim - 1) if row is not None else tuple(slice(None) for _ in part.shape)
     pictures, where = weight_pictures([("direction dᵢ", part)], index, False, None, None, frequency_norms)
     return FeatureView(
-        f"eigenfeature {i}",
+        eigen[i].id,
         values[:, k],
         "value φᴱ·dᵢ",
         [

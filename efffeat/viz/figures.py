@@ -52,6 +52,14 @@ def ranking(table: Any, top: int = 30) -> go.Figure:
     return fig
 
 
+def _kernel_name(eigenfeatures: Any) -> str:
+    """What a spectrum is of: the effective kernel, or the kernel change ``Θ_order − Θ_against``."""
+    meta = getattr(eigenfeatures, "meta", None) or {}
+    if meta.get("against"):
+        return f"kernel change ΔΘ = Θ_{meta.get('order')} − Θ_{meta['against']}"
+    return "effective kernel"
+
+
 def spectrum(eigenfeatures: Any, cliffs: Sequence[int] | None = None) -> go.Figure:
     """Eigenvalues on a log scale, largest first, with the spectral cliff(s) marked.
 
@@ -96,7 +104,7 @@ def spectrum(eigenfeatures: Any, cliffs: Sequence[int] | None = None) -> go.Figu
     signed = f", {int(negative.sum())} negative (open markers)" if negative.any() else ""
     fig.update_layout(
         template=TEMPLATE,
-        title={"text": f"Spectrum of the effective kernel ({len(values)} modes{signed})", "x": 0.01},
+        title={"text": f"Spectrum of the {_kernel_name(eigenfeatures)} ({len(values)} modes{signed})", "x": 0.01},
         xaxis_title="mode",
         yaxis={"type": "log", "title": "|eigenvalue|" if negative.any() else "eigenvalue", "exponentformat": "power"},
         height=420,

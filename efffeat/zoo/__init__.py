@@ -7,6 +7,7 @@ units are scored, and which figures its report shows (``run.recipe.figures(run)`
 
 from __future__ import annotations
 
+from . import minilm
 from .digits import correct_logit, digits_mlp
 from .modular_addition import all_pairs, embedding, fourier_figure, modular_addition, run_key_frequencies
 from .run import Run, load
@@ -22,6 +23,7 @@ __all__ = [
     "embedding",
     "fourier_figure",
     "load",
+    "minilm",
     "modular_addition",
     "run_key_frequencies",
     "teacher_student",

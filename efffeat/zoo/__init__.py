@@ -1,5 +1,7 @@
 """Reference models that keep their initialisation: toy models of superposition, a teacher–student MLP, a digits
-MLP and a modular-addition transformer. Each constructor returns an untrained `Run`; ``run.train()`` trains it,
+MLP and a modular-addition transformer; and `minilm`, the pretrained all-MiniLM-L6-v2 (the ``examples`` extra)
+fine-tuned offline on a word-property task, with the measurements of what the fine-tune changed. Each of the
+first four constructors returns an untrained `Run`; ``run.train()`` trains it,
 ``run.save(path)`` / `load` keep it. Each kind's `Recipe` also says where `efffeat.compare` probes it, how its
 units are scored, and which figures its report shows (``run.recipe.figures(run)``: `tms_geometry_figure`,
 `fourier_figure`).

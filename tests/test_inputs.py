@@ -268,3 +268,16 @@ def test_a_model_below_float32_gets_a_precision_note(dtype):
         copied = ef.DualModel(model, init, order="nlo", dtype=torch.float32, progress=False)
         full = copied.features(x)
     assert full.meta["precision_note"] is None and ef.Analysis(copied, x, features=full).notes == []
+
+
+def test_dashboards_draw_dict_batches_from_their_token_ids():
+    model, init, ids, mask = tokens_setup()
+    dual = ef.DualModel(model, init, order="nlo", progress=False)
+    batch = {"ids": ids, "mask": mask}
+    feats = dual.features(batch)
+    labels = torch.arange(10) % 2
+    from_dict = ef.viz.feature_dashboard(dual, "out.weight[1,:]", data={**batch, "labels": labels}, features=feats)
+    from_tuple = ef.viz.feature_dashboard(dual, "out.weight[1,:]", data=(ids, labels), features=feats)
+    assert from_dict.examples_html == from_tuple.examples_html and "ef-tok" in from_dict.examples_html
+    with pytest.raises(ef.DataError, match="a dict of tensors"):
+        ef.viz.feature_dashboard(dual, "out.weight[1,:]", data={"ids": [1, 2]}, features=feats)

@@ -58,11 +58,15 @@ def as_examples(
     image_shape: tuple[int, int] | None = None,
     decode: Callable[[Sequence[int]], str] | None = None,
 ) -> Examples:
-    """Wrap a tensor of inputs or an ``(inputs, targets)`` tuple for drawing.
+    """Wrap a tensor of inputs, an ``(inputs, targets)`` tuple or a dict batch for drawing.
 
+    A dict (``model(**batch)``) is drawn from its ``"input_ids"`` (else ``"inputs"``, ``"x"`` or its first
+    tensor), labelled by its ``"labels"`` (or ``"label"``, ``"targets"``, ``"y"``) when it has them.
     kind: ``"image" | "tokens" | "table"``; guessed when None: integer inputs are tokens, inputs of
     ``[N, H, W]`` / ``[N, 1, H, W]`` or ``[N, D]`` with D a square ≥ 16 are images, the rest tables.
     """
+    if isinstance(data, dict) and any(isinstance(v, Tensor) for v in data.values()):
+        data = _from_dict(data)
     if isinstance(data, Tensor):
         inputs, labels = data, None
     elif isinstance(data, tuple | list) and data and isinstance(data[0], Tensor):
@@ -70,7 +74,8 @@ def as_examples(
         labels = data[1] if len(data) > 1 and isinstance(data[1], Tensor) else None
     else:
         raise DataError(
-            f"examples can be drawn from a tensor of inputs or an (inputs, targets) tuple, got {type(data).__name__}; "
+            f"examples can be drawn from a tensor of inputs, an (inputs, targets) tuple or a dict of tensors, got "
+            f"{type(data).__name__}; "
             "pass data as a tensor (concatenate the batches of a DataLoader first)"
         )
     if labels is not None and (labels.shape[:1] != inputs.shape[:1] or labels.ndim > 1 or labels.is_floating_point()):
@@ -86,6 +91,14 @@ def as_examples(
                 "pass image_shape=(height, width) with height·width equal to the input size"
             )
     return Examples(inputs, labels, kind, image_shape if kind == "image" else None, decode)
+
+
+def _from_dict(batch: dict[str, Any]) -> Tensor | tuple[Tensor, Tensor]:
+    """``inputs`` or ``(inputs, labels)`` of a dict batch (see `as_examples`)."""
+    tensors = {k: v for k, v in batch.items() if isinstance(v, Tensor)}
+    key = next((k for k in ("input_ids", "inputs", "x") if k in tensors), next(iter(tensors)))
+    label = next((k for k in ("labels", "label", "targets", "y") if k in tensors and k != key), None)
+    return tensors[key] if label is None else (tensors[key], tensors[label])
 
 
 def _guess_kind(inputs: Tensor) -> str:

@@ -221,6 +221,11 @@ def _split_dual(t: Tensor) -> tuple[Tensor, Tensor | None]:
     return primal.detach(), None if tangent is None else tangent.detach()
 
 
+def _sq_norm(t: Tensor, dim: int | tuple[int, ...]) -> Tensor:
+    """``Σ t²`` over `dim`: one reduction pass, no squared copy of `t`."""
+    return torch.linalg.vector_norm(t, dim=dim).square()
+
+
 def _component_weights(weights: Tensor, k: int) -> Tensor:
     """``weights [n, K]`` for a factor whose K axis is `k`: summed over the components when the factor has one."""
     return weights.sum(1, keepdim=True) if k == 1 and weights.shape[1] != 1 else weights
@@ -400,9 +405,9 @@ class LowRankFactor(Factor):
         u, v = self.u, self.v
         r, (d0, d1) = self.rank, self.shape
         if r == 1:
-            return u[:, :, 0].square().sum(-1) * v[:, :, 0].square().sum(-1)
+            return _sq_norm(u[:, :, 0], -1) * _sq_norm(v[:, :, 0], -1)
         if r * (d0 + d1) > d0 * d1:
-            return torch.cat([g.square().sum(dim=(2, 3)) for _, _, g in self._gradient_chunks()])
+            return torch.cat([_sq_norm(g, (2, 3)) for _, _, g in self._gradient_chunks()])
         return ((u @ u.transpose(-1, -2)) * (v @ v.transpose(-1, -2))).sum(dim=(2, 3))
 
     def scaled(self, w: float) -> LowRankFactor:
@@ -798,7 +803,7 @@ class DenseFactor(Factor):
         return sq.sum(dim=(0, 1))
 
     def sq_norms(self) -> Tensor:
-        return self.g.square().sum(-1)
+        return _sq_norm(self.g, -1)
 
     def scaled(self, w: float) -> DenseFactor:
         return self if w == 1.0 else DenseFactor(self.g * w)

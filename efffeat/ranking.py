@@ -303,7 +303,7 @@ def per_example_norms(
     names = None if group is None or by_tensor else _tensor_names(dual.ids, group)
     parts = [
         feats.sq_norms(names, by_tensor=by_tensor)
-        for feats in dual.iter_features(data, batch_size, order=order, progress=progress)
+        for feats in dual.iter_features(data, batch_size, order=order, progress=progress, need="features")
     ]
     if by_tensor:
         return {name: torch.cat([p[name] for p in parts]).sqrt() for name in parts[0]}  # type: ignore[index]

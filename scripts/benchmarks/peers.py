@@ -274,7 +274,7 @@ def rank_job(n: int, repeat: int) -> None:
     dual.features(x[:8])
     job = f"rank N={n}"
     delta = torch.cat([dual.delta[k].reshape(-1) for k, _ in model.named_parameters()])
-    fns = [lambda: ef.rank(dual.features(x, batch_size=n), by="contribution")]
+    fns = [lambda: ef.rank(dual.features(x, batch_size=n, need="features"), by="contribution")]
     try:
         from backpack import backpack, extend
         from backpack.extensions import SumGradSquared

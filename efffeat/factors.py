@@ -100,12 +100,13 @@ class Factor(ABC):
 
     @abstractmethod
     def selected(self, sel: Selection) -> Tensor:
-        """``[N, K]``: ``Σ_m w_m G[n, k, flat_m]`` for a sparse weight vector `sel` on this parameter."""
+        """``[N, K]`` (``[N, K, G]``): ``Σ_m w_m G[n, k, flat_m]`` for the sparse weight vector(s) `sel` on this
+        parameter."""
 
     @abstractmethod
     def selected_terms(self, sel: Selection) -> Tensor:
-        """``[N, K, R]``: `selected` split over the factor's R rank terms (sequence positions, uses, orders);
-        a layout without rank terms gives ``R = 1``. Summed over the last axis it is `selected`."""
+        """``[N, K, R(, G)]``: `selected` split over the factor's R rank terms (sequence positions, uses, orders);
+        a layout without rank terms gives ``R = 1``. Summed over axis 2 it is `selected`."""
 
     @abstractmethod
     def sq_sum(self, weights: Tensor | None = None) -> Tensor:
@@ -200,20 +201,22 @@ def from_state(tensors: dict[str, Tensor], shape: tuple[int, ...] | None = None)
 
 @dataclass(frozen=True)
 class Selection:
-    """A sparse weight vector on one parameter tensor: ``w`` at row-major positions ``flat`` of ``shape``."""
+    """Sparse weight vectors on one parameter tensor: ``w [m]`` — or ``[m, G]``, G vectors evaluated at once —
+    at row-major positions ``flat [m]`` of ``shape`` (a position may repeat: its weights add)."""
 
     shape: tuple[int, ...]
     flat: Tensor  # [m]
-    w: Tensor  # [m]
+    w: Tensor  # [m] or [m, G]
 
     @cached_property
     def block(self) -> tuple[Tensor, Tensor, Tensor]:
-        """For a matrix ``[d0, d1]``: the rows and columns the weights touch, and the weights as a dense block."""
+        """For a matrix ``[d0, d1]``: the rows ``[I]`` and columns ``[J]`` the weights touch, and the weights as a
+        dense block ``[I, J]`` (``[I, J, G]``)."""
         d1 = self.shape[1]
         rows, r_at = torch.unique(self.flat // d1, return_inverse=True)
         cols, c_at = torch.unique(self.flat % d1, return_inverse=True)
-        block = torch.zeros(len(rows), len(cols), dtype=self.w.dtype).index_put_((r_at, c_at), self.w, accumulate=True)
-        return rows, cols, block
+        block = torch.zeros(len(rows), len(cols), *self.w.shape[1:], dtype=self.w.dtype)
+        return rows, cols, block.index_put_((r_at, c_at), self.w, accumulate=True)
 
 
 def _split_dual(t: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -344,12 +347,16 @@ class LowRankFactor(Factor):
         return (self.u[..., i] * self.v[..., j]).sum(dim=2)
 
     def selected(self, sel: Selection) -> Tensor:
-        rows, cols, block = sel.block
-        return ((self.u[..., rows] @ block.to(self.u.dtype)) * self.v[..., cols]).sum(dim=(2, 3))
+        return self.selected_terms(sel).sum(2)
 
     def selected_terms(self, sel: Selection) -> Tensor:
-        rows, cols, block = sel.block
-        return ((self.u[..., rows] @ block.to(self.u.dtype)) * self.v[..., cols]).sum(dim=3)
+        rows, cols, block = sel.block  # [I, J(, G)]
+        ub = (self.u[..., rows] @ block.to(self.u.dtype).reshape(len(rows), -1)).unflatten(-1, block.shape[1:])
+        v = self.v[..., cols]
+        if block.ndim == 2:
+            return (ub * v).sum(dim=3)
+        shape = (ub.shape[0], max(ub.shape[1], v.shape[1]), *ub.shape[2:])
+        return torch.einsum("nkrjg,nkrj->nkrg", ub.expand(shape), v.expand(shape[:-1]))  # one bmm over (n, k, r)
 
     def sq_sum(self, weights: Tensor | None = None) -> Tensor:
         """Either per example ``Σ_n G_n²`` from the gradients formed in chunks (many rank terms), or
@@ -658,12 +665,14 @@ class EmbeddingFactor(Factor):
         return (self.v[..., flat % d] * hit[:, None]).sum(dim=2)
 
     def selected(self, sel: Selection) -> Tensor:
-        return self.selected_terms(sel).sum(-1)
+        return self.selected_terms(sel).sum(2)
 
     def selected_terms(self, sel: Selection) -> Tensor:
-        rows, cols, block = sel.block
-        hit = (self.ids[:, :, None] == rows[None, None, :]).to(self.dtype)  # [N, R, rows]
-        return ((self.v[..., cols] @ block.to(self.dtype).T) * hit[:, None]).sum(dim=3)
+        rows, cols, block = sel.block  # [I, J(, G)]
+        hit = (self.ids[:, :, None] == rows[None, None, :]).to(self.dtype)[:, None]  # [N, 1, R, I]
+        by_row = block.to(self.dtype).transpose(0, 1).reshape(len(cols), -1)  # [J, I·G]
+        vb = (self.v[..., cols] @ by_row).unflatten(-1, (len(rows), *block.shape[2:]))
+        return (vb * (hit if block.ndim == 2 else hit[..., None])).sum(dim=3)
 
     def _example_rows(self) -> tuple[Tensor, Tensor]:
         """Each example's gradient rows: ``(keys [U], rows [U, K, d])`` with ``key = n·num_embeddings + token`` over
@@ -794,7 +803,7 @@ class DenseFactor(Factor):
         return self.g[..., sel.flat] @ sel.w.to(self.g.dtype)
 
     def selected_terms(self, sel: Selection) -> Tensor:
-        return self.selected(sel)[..., None]
+        return self.selected(sel).unsqueeze(2)
 
     def sq_sum(self, weights: Tensor | None = None) -> Tensor:
         sq = self.g.square()

@@ -59,3 +59,42 @@ def test_per_example_norms_run_the_lean_capture():
         handle.remove()
     assert sorted(sizes) == [PROBE_EXAMPLES, N]  # the capture at θ*, and θ0 on the examples completeness reads
     assert torch.allclose(norms, dual.features(x).sq_norms().sqrt(), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("order", ["init", "nlo"])
+def test_the_cotangents_of_every_readout_component_come_from_one_batched_backward_or_one_each(order, monkeypatch):
+    """A vector readout's K components are backpropagated together (``is_grads_batched``); where that fails
+    (an op without a batching rule) one pass per component gives the same features."""
+    torch.manual_seed(0)
+    model = mlp(3, (10, 10), 4, nn.Tanh).to(F64)
+    x = torch.randn(20, 3, dtype=F64, generator=torch.Generator().manual_seed(1))
+    dual = ef.DualModel(model, perturbed(model, 0.1), readout="output", order=order, progress=False)
+    dual.features(x)  # the plan, outside what is counted
+    calls: list[bool] = []  # is_grads_batched of each backward (a torch-function mode may re-enter grad: once)
+    grad = torch.autograd.grad
+    depth = [0]
+
+    def patched(refuse_batched: bool):
+        def wrapper(*args, **kwargs):
+            batched = bool(kwargs.get("is_grads_batched"))
+            if depth[0] == 0:
+                calls.append(batched)
+            if batched and refuse_batched:
+                raise RuntimeError("no batching rule")
+            depth[0] += 1
+            try:
+                return grad(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+
+        return wrapper
+
+    monkeypatch.setattr(torch.autograd, "grad", patched(False))
+    together = dual.features(x, need="features")
+    assert calls == [True]
+    calls.clear()
+    monkeypatch.setattr(torch.autograd, "grad", patched(True))
+    one_each = dual.features(x, need="features")
+    assert calls == [True] + [False] * 4
+    assert torch.allclose(together.kernel(), one_each.kernel(), rtol=1e-12, atol=0)
+    assert torch.allclose(together.sq_sums(), one_each.sq_sums(), rtol=1e-12, atol=0)

@@ -353,10 +353,7 @@ class LowRankFactor(Factor):
         rows, cols, block = sel.block  # [I, J(, G)]
         ub = (self.u[..., rows] @ block.to(self.u.dtype).reshape(len(rows), -1)).unflatten(-1, block.shape[1:])
         v = self.v[..., cols]
-        if block.ndim == 2:
-            return (ub * v).sum(dim=3)
-        shape = (ub.shape[0], max(ub.shape[1], v.shape[1]), *ub.shape[2:])
-        return torch.einsum("nkrjg,nkrj->nkrg", ub.expand(shape), v.expand(shape[:-1]))  # one bmm over (n, k, r)
+        return (ub * (v if block.ndim == 2 else v[..., None])).sum(dim=3)
 
     def sq_sum(self, weights: Tensor | None = None) -> Tensor:
         """Either per example ``Σ_n G_n²`` from the gradients formed in chunks (many rank terms), or

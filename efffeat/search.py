@@ -59,7 +59,7 @@ BY = ("value", "contribution", "norm")
 _NORM_CHUNK_ELEMENTS = 1 << 22
 # Linear functionals on one tensor are evaluated together while their merged weight block has at most this many
 # entries (rows × columns × functionals) and at most twice, plus the slack, the entries of their own blocks.
-_MERGED_ELEMENTS = 1 << 15
+_MERGED_ELEMENTS = 1 << 14
 _MERGE_SLACK = 1 << 12
 FeatureSpec = str | Eigenfeature | tuple | Callable[[EffectiveFeatures], Tensor]
 

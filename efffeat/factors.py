@@ -249,10 +249,15 @@ def _pad_terms(t: Tensor, k: int, r: int) -> Tensor:
 
 
 def _nonzero_terms(*tensors: Tensor) -> Tensor:
-    """``[R]``: rank terms (axis 2) that are non-zero somewhere in every one of `tensors`."""
+    """``[R]``: rank terms (axis 2) that are non-zero somewhere in every one of `tensors`. A term non-zero in the
+    first example is; only the others are looked for in every example (a float's ``any``: NaN counts as non-zero)."""
     keep = torch.ones(tensors[0].shape[2], dtype=torch.bool, device=tensors[0].device)
     for t in tensors:
-        keep &= t.ne(0).flatten(3).any(dim=3).any(dim=1).any(dim=0)
+        found = t[:1].flatten(3).any(dim=3).any(dim=1)[0]
+        doubtful = torch.nonzero(~found).reshape(-1)
+        if len(doubtful):
+            found[doubtful] = t[:, :, doubtful].flatten(3).any(dim=3).any(dim=1).any(dim=0)
+        keep &= found
     return keep
 
 

@@ -1,7 +1,8 @@
 """Which inputs activate a feature: streaming dataset top-k, and synthetic inputs by gradient ascent.
 
-`max_activating` streams any iterable of batches, computes each batch's effective features once and keeps,
-for every feature asked about, the k best (example, readout component) pairs seen so far — memory
+`max_activating` streams any iterable of batches, computes each batch's effective features once (the lean
+capture: no readout at θ0 or θ* beyond the capture's own, unless a callable is searched, which may read them)
+and keeps, for every feature asked about, the k best (example, readout component) pairs seen so far — memory
 O(k × features), whatever the dataset size. Given features that are already computed
 (``max_activating(feats, ids)``) it makes no pass over the data at all. Ties keep the earlier example (a
 stable merge), so the result equals a stable sort of the whole dataset.
@@ -27,7 +28,8 @@ default) such ties at 0 are left out of the lists whenever the feature has non-z
 (most negative first).
 
 Every value except a callable's and a norm is linear in the features, ``Σ_μ w_μ φ^E_μ(x)``, and is
-evaluated on the factors restricted to the rows and columns the weights touch.
+evaluated on the factors restricted to the rows and columns the weights touch; those on one parameter tensor
+are evaluated together, one weight column each.
 """
 
 from __future__ import annotations

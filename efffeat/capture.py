@@ -277,20 +277,36 @@ def _cotangents(r: Tensor, calls: list[_Call]) -> list[dict[str, Tensor]]:
     k_out = r.shape[1]
     taps = [t for call in calls for t in call.taps.values()]
     in_graph = [i for i, t in enumerate(taps) if t.edge is not None]
-    per_k: list[list[Tensor | None]] = [[None] * k_out for _ in taps]
+    found: list[Tensor | None] = [None] * len(taps)  # [K, n, *shape[1:]]
     if in_graph and r.requires_grad:
-        for k in range(k_out):
-            grads = torch.autograd.grad(
-                r[:, k].sum(), [taps[i].edge for i in in_graph], retain_graph=k + 1 < k_out, allow_unused=True
-            )
-            for i, g in zip(in_graph, grads):
-                per_k[i][k] = g
+        for i, g in zip(in_graph, _backward(r, [taps[i].edge for i in in_graph])):
+            found[i] = g
     flat = []
-    for t, gs in zip(taps, per_k):
-        gs = [torch.zeros(t.shape, dtype=t.dtype, device=t.device) if g is None else g for g in gs]
-        flat.append(gs[0].unsqueeze(1) if k_out == 1 else torch.stack(gs, dim=1))
+    for t, g in zip(taps, found):
+        g = torch.zeros((k_out, *t.shape), dtype=t.dtype, device=t.device) if g is None else g
+        flat.append(g.movedim(0, 1).contiguous())
     out, i = [], 0
     for call in calls:
         out.append({name: flat[i + j] for j, name in enumerate(call.taps)})
         i += len(call.taps)
+    return out
+
+
+def _backward(r: Tensor, edges: list[GradientEdge]) -> list[Tensor | None]:
+    """``[K, n, *shape[1:]]`` gradients of every component of the readout ``r [n, K]`` at `edges` (None: unused):
+    one backward pass, batched over the K components (``is_grads_batched``: one GEMM of ``K·n`` rows per layer
+    instead of K passes); an op without a batching rule for that falls back to one pass per component."""
+    k_out = r.shape[1]
+    if k_out == 1:
+        return [None if g is None else g[None] for g in torch.autograd.grad(r.sum(), edges, allow_unused=True)]
+    eye = torch.eye(k_out, dtype=r.dtype, device=r.device)[:, None, :].expand(k_out, *r.shape)
+    try:
+        return list(torch.autograd.grad(r, edges, eye, retain_graph=True, allow_unused=True, is_grads_batched=True))
+    except RuntimeError:
+        pass
+    per_k = [torch.autograd.grad(r[:, k].sum(), edges, retain_graph=True, allow_unused=True) for k in range(k_out)]
+    out: list[Tensor | None] = []
+    for gs in zip(*per_k):
+        used = next((g for g in gs if g is not None), None)
+        out.append(None if used is None else torch.stack([torch.zeros_like(used) if g is None else g for g in gs]))
     return out

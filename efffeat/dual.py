@@ -457,7 +457,8 @@ class DualModel:
         need: ``"all"`` (default) also computes the readouts z_init and z_trained, so the result has Δz,
             `completeness`, `prediction`; ``"features"`` skips the forward passes at θ0 and θ* that the
             order's capture does not make (ranking and search need only the factors and Δθ): such features
-            refuse `completeness()`, and ``meta["completeness"]`` is measured on the first batch.
+            refuse `completeness()`, and ``meta["completeness"]`` is measured on the first batch's first 256
+            examples.
 
         ``meta`` holds ``"order_requested"``, ``"order_reason"``, ``"nodes"``, ``"completeness"`` (of these
         features: over all examples with ``need="all"``) and ``"completeness_examples"``, ``"readouts"`` (the
@@ -484,7 +485,8 @@ class DualModel:
         progress: overrides the model's progress setting for this pass. need: as in `features`; a streaming job
         that reads only the factors and Δθ (a top-k search of feature values or contributions) passes
         ``need="features"`` and saves up to two forward passes per batch (every batch then lacks the same
-        readouts). Every batch's ``meta["completeness"]`` is that of the first batch.
+        readouts). Every batch's ``meta["completeness"]`` is that of the first batch (with ``need="features"``: of its
+        first 256 examples, ``meta["completeness_examples"]``).
         """
         one_of("need", need, NEEDS)
         if order is not None:
@@ -493,10 +495,9 @@ class DualModel:
         for index, offset, batch in self._batches(data, batch_size, "features", progress):
             with _on_batch(index, offset, batch):
                 used, nodes, reason = self._order_for(order, batch, offset)
-                want = ("init", "trained") if need == "all" or first is None else ()
-                feats = self._batch_features(batch, offset, used, nodes, want)
+                feats = self._batch_features(batch, offset, used, nodes, ("init", "trained") if need == "all" else ())
                 if first is None:
-                    first = (feats.completeness(), feats.n_examples)
+                    first = self._first_completeness(feats, batch, offset)
                     self._warn_completeness(used, nodes, *first)
                 if need == "features":
                     feats = _keep_readouts(feats, (_CAPTURED[used],) if used in _CAPTURED else ())
@@ -507,6 +508,20 @@ class DualModel:
                     completeness_examples=first[1],
                 )
             yield feats
+
+    def _first_completeness(self, feats: EffectiveFeatures, batch: Any, offset: int) -> tuple[float, int]:
+        """The completeness residual of a batch's features, and over how many examples: all of them when they have
+        both readouts, else the first `PROBE_EXAMPLES`, with the readouts the capture did not give computed for
+        those only."""
+        if len(feats.meta["readouts"]) == 2:
+            return feats.completeness(), feats.n_examples
+        m = min(feats.n_examples, PROBE_EXAMPLES)
+        head = feats.select_rows(slice(0, m))
+        missing = tuple(p for p in ("init", "trained") if p != _CAPTURED.get(feats.order))
+        z = self._readouts(slice_batch(batch, slice(0, m)), offset, missing)
+        head.z_init, head.z_trained = z.get("init", head.z_init), z.get("trained", head.z_trained)
+        head.meta["readouts"] = ["init", "trained"]
+        return head.completeness(), m
 
     def _batch_features(
         self, batch: Any, offset: int, order: str, nodes: int, readouts: tuple[str, ...]

@@ -100,12 +100,13 @@ class Factor(ABC):
 
     @abstractmethod
     def selected(self, sel: Selection) -> Tensor:
-        """``[N, K]``: ``Σ_m w_m G[n, k, flat_m]`` for a sparse weight vector `sel` on this parameter."""
+        """``[N, K]`` (``[N, K, G]``): ``Σ_m w_m G[n, k, flat_m]`` for the sparse weight vector(s) `sel` on this
+        parameter."""
 
     @abstractmethod
     def selected_terms(self, sel: Selection) -> Tensor:
-        """``[N, K, R]``: `selected` split over the factor's R rank terms (sequence positions, uses, orders);
-        a layout without rank terms gives ``R = 1``. Summed over the last axis it is `selected`."""
+        """``[N, K, R(, G)]``: `selected` split over the factor's R rank terms (sequence positions, uses, orders);
+        a layout without rank terms gives ``R = 1``. Summed over axis 2 it is `selected`."""
 
     @abstractmethod
     def sq_sum(self, weights: Tensor | None = None) -> Tensor:
@@ -200,25 +201,32 @@ def from_state(tensors: dict[str, Tensor], shape: tuple[int, ...] | None = None)
 
 @dataclass(frozen=True)
 class Selection:
-    """A sparse weight vector on one parameter tensor: ``w`` at row-major positions ``flat`` of ``shape``."""
+    """Sparse weight vectors on one parameter tensor: ``w [m]`` — or ``[m, G]``, G vectors evaluated at once —
+    at row-major positions ``flat [m]`` of ``shape`` (a position may repeat: its weights add)."""
 
     shape: tuple[int, ...]
     flat: Tensor  # [m]
-    w: Tensor  # [m]
+    w: Tensor  # [m] or [m, G]
 
     @cached_property
     def block(self) -> tuple[Tensor, Tensor, Tensor]:
-        """For a matrix ``[d0, d1]``: the rows and columns the weights touch, and the weights as a dense block."""
+        """For a matrix ``[d0, d1]``: the rows ``[I]`` and columns ``[J]`` the weights touch, and the weights as a
+        dense block ``[I, J]`` (``[I, J, G]``)."""
         d1 = self.shape[1]
         rows, r_at = torch.unique(self.flat // d1, return_inverse=True)
         cols, c_at = torch.unique(self.flat % d1, return_inverse=True)
-        block = torch.zeros(len(rows), len(cols), dtype=self.w.dtype).index_put_((r_at, c_at), self.w, accumulate=True)
-        return rows, cols, block
+        block = torch.zeros(len(rows), len(cols), *self.w.shape[1:], dtype=self.w.dtype)
+        return rows, cols, block.index_put_((r_at, c_at), self.w, accumulate=True)
 
 
 def _split_dual(t: Tensor) -> tuple[Tensor, Tensor | None]:
     primal, tangent = fwAD.unpack_dual(t)
     return primal.detach(), None if tangent is None else tangent.detach()
+
+
+def _sq_norm(t: Tensor, dim: int | tuple[int, ...]) -> Tensor:
+    """``Σ t²`` over `dim`: one reduction pass, no squared copy of `t`."""
+    return torch.linalg.vector_norm(t, dim=dim).square()
 
 
 def _component_weights(weights: Tensor, k: int) -> Tensor:
@@ -241,10 +249,15 @@ def _pad_terms(t: Tensor, k: int, r: int) -> Tensor:
 
 
 def _nonzero_terms(*tensors: Tensor) -> Tensor:
-    """``[R]``: rank terms (axis 2) that are non-zero somewhere in every one of `tensors`."""
+    """``[R]``: rank terms (axis 2) that are non-zero somewhere in every one of `tensors`. A term non-zero in the
+    first example is; only the others are looked for in every example (a float's ``any``: NaN counts as non-zero)."""
     keep = torch.ones(tensors[0].shape[2], dtype=torch.bool, device=tensors[0].device)
     for t in tensors:
-        keep &= t.ne(0).flatten(3).any(dim=3).any(dim=1).any(dim=0)
+        found = t[:1].flatten(3).any(dim=3).any(dim=1)[0]
+        doubtful = torch.nonzero(~found).reshape(-1)
+        if len(doubtful):
+            found[doubtful] = t[:, :, doubtful].flatten(3).any(dim=3).any(dim=1).any(dim=0)
+        keep &= found
     return keep
 
 
@@ -339,12 +352,13 @@ class LowRankFactor(Factor):
         return (self.u[..., i] * self.v[..., j]).sum(dim=2)
 
     def selected(self, sel: Selection) -> Tensor:
-        rows, cols, block = sel.block
-        return ((self.u[..., rows] @ block.to(self.u.dtype)) * self.v[..., cols]).sum(dim=(2, 3))
+        return self.selected_terms(sel).sum(2)
 
     def selected_terms(self, sel: Selection) -> Tensor:
-        rows, cols, block = sel.block
-        return ((self.u[..., rows] @ block.to(self.u.dtype)) * self.v[..., cols]).sum(dim=3)
+        rows, cols, block = sel.block  # [I, J(, G)]
+        ub = (self.u[..., rows] @ block.to(self.u.dtype).reshape(len(rows), -1)).unflatten(-1, block.shape[1:])
+        v = self.v[..., cols]
+        return (ub * (v if block.ndim == 2 else v[..., None])).sum(dim=3)
 
     def sq_sum(self, weights: Tensor | None = None) -> Tensor:
         """Either per example ``Σ_n G_n²`` from the gradients formed in chunks (many rank terms), or
@@ -400,9 +414,9 @@ class LowRankFactor(Factor):
         u, v = self.u, self.v
         r, (d0, d1) = self.rank, self.shape
         if r == 1:
-            return u[:, :, 0].square().sum(-1) * v[:, :, 0].square().sum(-1)
+            return _sq_norm(u[:, :, 0], -1) * _sq_norm(v[:, :, 0], -1)
         if r * (d0 + d1) > d0 * d1:
-            return torch.cat([g.square().sum(dim=(2, 3)) for _, _, g in self._gradient_chunks()])
+            return torch.cat([_sq_norm(g, (2, 3)) for _, _, g in self._gradient_chunks()])
         return ((u @ u.transpose(-1, -2)) * (v @ v.transpose(-1, -2))).sum(dim=(2, 3))
 
     def scaled(self, w: float) -> LowRankFactor:
@@ -653,12 +667,14 @@ class EmbeddingFactor(Factor):
         return (self.v[..., flat % d] * hit[:, None]).sum(dim=2)
 
     def selected(self, sel: Selection) -> Tensor:
-        return self.selected_terms(sel).sum(-1)
+        return self.selected_terms(sel).sum(2)
 
     def selected_terms(self, sel: Selection) -> Tensor:
-        rows, cols, block = sel.block
-        hit = (self.ids[:, :, None] == rows[None, None, :]).to(self.dtype)  # [N, R, rows]
-        return ((self.v[..., cols] @ block.to(self.dtype).T) * hit[:, None]).sum(dim=3)
+        rows, cols, block = sel.block  # [I, J(, G)]
+        hit = (self.ids[:, :, None] == rows[None, None, :]).to(self.dtype)[:, None]  # [N, 1, R, I]
+        by_row = block.to(self.dtype).transpose(0, 1).reshape(len(cols), -1)  # [J, I·G]
+        vb = (self.v[..., cols] @ by_row).unflatten(-1, (len(rows), *block.shape[2:]))
+        return (vb * (hit if block.ndim == 2 else hit[..., None])).sum(dim=3)
 
     def _example_rows(self) -> tuple[Tensor, Tensor]:
         """Each example's gradient rows: ``(keys [U], rows [U, K, d])`` with ``key = n·num_embeddings + token`` over
@@ -789,7 +805,7 @@ class DenseFactor(Factor):
         return self.g[..., sel.flat] @ sel.w.to(self.g.dtype)
 
     def selected_terms(self, sel: Selection) -> Tensor:
-        return self.selected(sel)[..., None]
+        return self.selected(sel).unsqueeze(2)
 
     def sq_sum(self, weights: Tensor | None = None) -> Tensor:
         sq = self.g.square()
@@ -798,7 +814,7 @@ class DenseFactor(Factor):
         return sq.sum(dim=(0, 1))
 
     def sq_norms(self) -> Tensor:
-        return self.g.square().sum(-1)
+        return _sq_norm(self.g, -1)
 
     def scaled(self, w: float) -> DenseFactor:
         return self if w == 1.0 else DenseFactor(self.g * w)

@@ -276,7 +276,8 @@ def per_example_norms(
     progress: bool | None = None,
 ) -> Tensor | dict[str, Tensor]:
     """The norm ``‖φ^E(x, k)‖ = √Σ_μ φ^E_μ(x, k)²`` of every example's gradient, per readout component, streamed
-    over `data` one batch of features at a time (each batch's factors are dropped after use).
+    over `data` one batch of features at a time (each batch's factors are dropped after use; the lean capture,
+    ``need="features"``, without the readouts the norms do not need).
 
     The features are those of the dual model's order (``order=`` overrides it): at ``"trained"`` these are the
     per-example gradient norms of the readout that differentially private training clips. Computed from the
@@ -303,7 +304,7 @@ def per_example_norms(
     names = None if group is None or by_tensor else _tensor_names(dual.ids, group)
     parts = [
         feats.sq_norms(names, by_tensor=by_tensor)
-        for feats in dual.iter_features(data, batch_size, order=order, progress=progress)
+        for feats in dual.iter_features(data, batch_size, order=order, progress=progress, need="features")
     ]
     if by_tensor:
         return {name: torch.cat([p[name] for p in parts]).sqrt() for name in parts[0]}  # type: ignore[index]

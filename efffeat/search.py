@@ -1,7 +1,8 @@
 """Which inputs activate a feature: streaming dataset top-k, and synthetic inputs by gradient ascent.
 
-`max_activating` streams any iterable of batches, computes each batch's effective features once and keeps,
-for every feature asked about, the k best (example, readout component) pairs seen so far — memory
+`max_activating` streams any iterable of batches, computes each batch's effective features once (the lean
+capture: no readout at θ0 or θ* beyond the capture's own, unless a callable is searched, which may read them)
+and keeps, for every feature asked about, the k best (example, readout component) pairs seen so far — memory
 O(k × features), whatever the dataset size. Given features that are already computed
 (``max_activating(feats, ids)``) it makes no pass over the data at all. Ties keep the earlier example (a
 stable merge), so the result equals a stable sort of the whole dataset.
@@ -27,7 +28,8 @@ default) such ties at 0 are left out of the lists whenever the feature has non-z
 (most negative first).
 
 Every value except a callable's and a norm is linear in the features, ``Σ_μ w_μ φ^E_μ(x)``, and is
-evaluated on the factors restricted to the rows and columns the weights touch.
+evaluated on the factors restricted to the rows and columns the weights touch; those on one parameter tensor
+are evaluated together, one weight column each.
 """
 
 from __future__ import annotations
@@ -57,6 +59,10 @@ from .spectra import Eigenfeature, Spectrum
 BY = ("value", "contribution", "norm")
 # Entries of a group's features evaluated at once by a norm (elements of the [n, K, m] block).
 _NORM_CHUNK_ELEMENTS = 1 << 22
+# Linear functionals on one tensor are evaluated together while their merged weight block has at most this many
+# entries (rows × columns × functionals) and at most twice, plus the slack, the entries of their own blocks.
+_MERGED_ELEMENTS = 1 << 14
+_MERGE_SLACK = 1 << 12
 FeatureSpec = str | Eigenfeature | tuple | Callable[[EffectiveFeatures], Tensor]
 
 
@@ -82,7 +88,6 @@ class _Functional:
     """``Σ_μ w_μ φ^E_μ(x, k)``: per parameter tensor a sparse weight vector (`efffeat.factors.Selection`)."""
 
     parts: dict[str, Selection]  # named_parameters name -> positions and weights on that tensor
-    single: tuple[int, float] | None = None  # (flat feature position, weight) when one feature: batched
 
     def __call__(self, feats: EffectiveFeatures) -> Tensor:
         """``[n, K]`` values on a batch's features."""
@@ -151,10 +156,7 @@ def _resolve(space: _Space, spec: FeatureSpec, by: str) -> tuple[str, Callable[[
         single = space.ids.parse(spec).kind == "param"
         delta = space.delta
         weights = torch.ones_like(delta[positions]) if single and by == "value" else delta[positions]
-        functional = _functional(space, positions, weights)
-        if single:
-            functional.single = (int(positions[0]), float(weights[0]))
-        return spec.strip(), functional
+        return spec.strip(), _functional(space, positions, weights)
     if callable(spec):
         return getattr(spec, "__name__", type(spec).__name__), spec
     raise ConfigError(
@@ -242,7 +244,6 @@ def max_activating(
     elif isinstance(source, DualModel):
         if data is None or features is None:
             raise ConfigError("pass the data and the features to search: max_activating(dual, data, features)")
-        stream = source.iter_features(data, batch_size, progress=progress)
         known = as_batches(data, batch_size).n_examples
         scalar_readout = bool(source.readout.scalar)
     else:
@@ -250,6 +251,9 @@ def max_activating(
             f"max_activating searches a DualModel's data or EffectiveFeatures, got {type(source).__name__}"
         )
     specs = _as_list(features)
+    if isinstance(source, DualModel):  # the readouts only for a callable, which may read them
+        need = "all" if any(callable(s) for s in specs) else "features"
+        stream = source.iter_features(data, batch_size, progress=progress, need=need)
     space = _Space.of(source)
     resolved = [_resolve(space, s, by) for s in specs]
     labels = _unique_labels([label for label, _ in resolved])
@@ -259,12 +263,11 @@ def max_activating(
     best_pairs: Tensor | None = None
     zeros = torch.zeros(len(labels), dtype=torch.long)
     offset, n_outputs, scalar = 0, 1, True
+    evaluate = _Evaluator(labels, [fn for _, fn in resolved])
     for feats in stream:
         n = feats.n_examples
         n_outputs, scalar = feats.n_outputs, feats.scalar
-        values = _evaluate(labels, [fn for _, fn in resolved], feats).reshape(
-            len(labels), n * n_outputs
-        )  # pairs example-major: (x, k) at x·K + k
+        values = evaluate(feats).reshape(len(labels), n * n_outputs)  # pairs example-major: (x, k) at x·K + k
         zeros += (values == 0).sum(dim=1).cpu()
         pairs = torch.arange(offset * n_outputs, (offset + n) * n_outputs).expand(len(labels), -1)
         if best_values is not None and best_pairs is not None:
@@ -300,8 +303,26 @@ def _best(values: Tensor, pairs: Tensor, k: int, largest: bool, skip_zeros: bool
     key = values
     if skip_zeros:
         key = values.masked_fill(values == 0, -math.inf if largest else math.inf)
-    order = torch.sort(key, dim=1, descending=largest, stable=True).indices[:, :k]
+    order = _stable_top(key, k, largest)
     return values.gather(1, order), pairs.gather(1, order)
+
+
+def _stable_top(key: Tensor, k: int, largest: bool) -> Tensor:
+    """``[m, k]`` positions of the k best of every row of ``key [m, n]``, ties in position order: the stable sort
+    of the candidates at least as good as the row's k-th value (found by `torch.topk`), in their row order."""
+    m, n = key.shape
+    if n <= 4 * k or bool(key.isnan().any()):
+        return torch.sort(key, dim=1, descending=largest, stable=True).indices[:, :k]
+    kth = key.topk(k, dim=1, largest=largest).values[:, -1:]
+    candidate = key >= kth if largest else key <= kth
+    slot = candidate.cumsum(1) - 1  # each candidate's place among its row's, in position order
+    rows, cols = candidate.nonzero(as_tuple=True)
+    width = int(slot[:, -1].max()) + 1
+    padded = torch.full((m, width), -math.inf if largest else math.inf, dtype=key.dtype, device=key.device)
+    at = torch.full((m, width), n, dtype=torch.long, device=key.device)
+    where = slot[rows, cols]
+    padded[rows, where], at[rows, where] = key[rows, cols], cols
+    return at.gather(1, torch.sort(padded, dim=1, descending=largest, stable=True).indices[:, :k])
 
 
 def _entry(values: Tensor, pairs: Tensor, n_zero: int, n_outputs: int, scalar: bool, skip_zeros: bool) -> TopKEntry:
@@ -327,7 +348,7 @@ def feature_values(features: EffectiveFeatures, feature: FeatureSpec, by: str = 
     pair, exactly as `max_activating` ranks them (module docstring)."""
     one_of("by", by, BY)
     label, fn = _resolve(_Space.of(features), feature, by)
-    return _evaluate([label], [fn], features)[0]
+    return _Evaluator([label], [fn])(features)[0]
 
 
 def position_values(
@@ -362,20 +383,79 @@ def position_values(
     return per_position, shared
 
 
-def _evaluate(labels: list[str], fns: list[Callable[[EffectiveFeatures], Tensor]], feats: EffectiveFeatures) -> Tensor:
-    """``[m, n, K]`` every feature's values on a batch; single features share one `columns` call."""
-    out: list[Tensor | None] = [None] * len(fns)
-    singles = [(i, fn.single) for i, fn in enumerate(fns) if isinstance(fn, _Functional) and fn.single is not None]
-    if singles:
-        positions = [p for _, (p, _) in singles]
-        weights = torch.tensor([w for _, (_, w) in singles], dtype=feats.dtype, device=feats.device)
-        columns = feats.columns(positions).reshape(feats.n_examples, feats.n_outputs, -1) * weights
-        for j, (i, _) in enumerate(singles):
-            out[i] = columns[..., j]
-    for i, (label, fn) in enumerate(zip(labels, fns)):
-        if out[i] is None:
-            out[i] = _values(fn, feats, label)
-    return torch.stack(out)  # type: ignore[arg-type]
+class _Evaluator:
+    """Every feature's values on a batch, ``[m, n, K]``: the linear functionals together, one `Selection` with a
+    weight column per functional for each parameter tensor (in chunks whose merged block stays small and costs
+    at most about what the functionals cost one by one), the others one by one."""
+
+    def __init__(self, labels: list[str], fns: list[Callable[[EffectiveFeatures], Tensor]]):
+        self.labels, self.fns = labels, fns
+        self.linear = [i for i, fn in enumerate(fns) if isinstance(fn, _Functional)]
+        by_tensor: dict[str, list[tuple[int, Selection]]] = {}
+        for j, i in enumerate(self.linear):
+            fn = fns[i]
+            assert isinstance(fn, _Functional)
+            for name, sel in fn.parts.items():
+                by_tensor.setdefault(name, []).append((j, sel))
+        self.chunks = [(name, *_merged(chunk)) for name, items in by_tensor.items() for chunk in _chunked(items)]
+
+    def __call__(self, feats: EffectiveFeatures) -> Tensor:
+        out: list[Tensor | None] = [None] * len(self.fns)
+        if self.linear:
+            values = torch.zeros(
+                feats.n_examples, feats.n_outputs, len(self.linear), dtype=feats.dtype, device=feats.device
+            )
+            for name, sel, columns in self.chunks:
+                values[..., columns] += feats.factors[name].selected(sel)
+            for j, i in enumerate(self.linear):
+                out[i] = values[..., j]
+        for i, (label, fn) in enumerate(zip(self.labels, self.fns)):
+            if out[i] is None:
+                out[i] = _values(fn, feats, label)
+        return torch.stack(out)  # type: ignore[arg-type]
+
+
+def _touched(sel: Selection) -> tuple[set[int], set[int]]:
+    """The rows and columns of a matrix a selection touches (of another tensor: its positions, and no columns)."""
+    if len(sel.shape) != 2:
+        return set(sel.flat.tolist()), {0}
+    rows, cols, _ = sel.block
+    return set(rows.tolist()), set(cols.tolist())
+
+
+def _chunked(items: list[tuple[int, Selection]]) -> list[list[tuple[int, Selection]]]:
+    """The selections on one tensor in chunks evaluated together, smallest first: a selection joins the chunk
+    while the merged block (rows × columns × selections) has at most `_MERGED_ELEMENTS` entries and at most
+    twice, plus `_MERGE_SLACK`, the entries of the members' own blocks."""
+    touched = [_touched(sel) for _, sel in items]
+    by_size = sorted(range(len(items)), key=lambda i: len(touched[i][0]) * len(touched[i][1]))
+    chunks: list[list[tuple[int, Selection]]] = []
+    rows: set[int] = set()
+    cols: set[int] = set()
+    own = 0
+    for i in by_size:
+        r, c = touched[i]
+        size = len(r) * len(c)
+        if chunks:
+            merged = len(rows | r) * len(cols | c) * (len(chunks[-1]) + 1)
+            if merged <= _MERGED_ELEMENTS and merged <= 2 * (own + size) + _MERGE_SLACK:
+                chunks[-1].append(items[i])
+                rows, cols, own = rows | r, cols | c, own + size
+                continue
+        chunks.append([items[i]])
+        rows, cols, own = set(r), set(c), size
+    return chunks
+
+
+def _merged(chunk: list[tuple[int, Selection]]) -> tuple[Selection, Tensor]:
+    """One selection with a weight column per member ``w [m, G]``, and the members' functional indices ``[G]``."""
+    flat = torch.cat([s.flat for _, s in chunk])
+    w = torch.zeros(len(flat), len(chunk), dtype=chunk[0][1].w.dtype)
+    start = 0
+    for g, (_, s) in enumerate(chunk):
+        w[start : start + len(s.flat), g] = s.w
+        start += len(s.flat)
+    return Selection(chunk[0][1].shape, flat, w), torch.tensor([j for j, _ in chunk])
 
 
 def _values(fn: Callable[[EffectiveFeatures], Tensor], feats: EffectiveFeatures, label: str) -> Tensor:

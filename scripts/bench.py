@@ -5,7 +5,8 @@
     python scripts/bench.py search      # streaming max-activation search vs a plain forward+backward pass
     python scripts/bench.py scale       # features and kernels for N up to 100k examples
     python scripts/bench.py peers       # Opacus, BackPACK, torch.func, neural-tangents side by side (bench extra)
-    python scripts/bench.py all         # kernel, rank, search and scale
+    python scripts/bench.py real_models # a CNN, a TransformerEncoder, a GRU and a MiniLM-shaped BERT vs fwd+bwd
+    python scripts/bench.py all         # kernel, rank, search, scale and real_models
 
 Each prints a markdown table (the one recorded in docs/BENCHMARKS.md) with the machine it ran on.
 """
@@ -20,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-NAMES = ("kernel", "rank", "search", "scale", "peers")
-ALL = ("kernel", "rank", "search", "scale")
+NAMES = ("kernel", "rank", "search", "scale", "peers", "real_models")
+ALL = ("kernel", "rank", "search", "scale", "real_models")
 
 
 def machine() -> str:

@@ -161,3 +161,41 @@ def test_lowrank_sq_sum_and_sq_norms_routes(ku, kv, r):
     thin = LowRankFactor(f.u[..., :2], f.v[..., :1])  # rank terms larger than the gradient: formed per example
     assert close(thin.sq_norms(), thin.dense().square().sum(-1))
     assert close(DenseFactor(dense).sq_norms(), dense.square().sum(-1))
+
+
+def _layouts(k: int) -> dict[str, object]:
+    g = torch.Generator().manual_seed(3)
+    n, r, d0, d1 = 5, 4, 6, 7
+    return {
+        "lowrank": LowRankFactor(
+            torch.randn(n, k, r, d0, generator=g, dtype=F64), torch.randn(n, 1, r, d1, generator=g, dtype=F64)
+        ),
+        "lowrank, K on v": LowRankFactor(
+            torch.randn(n, 1, r, d0, generator=g, dtype=F64), torch.randn(n, k, r, d1, generator=g, dtype=F64)
+        ),
+        "embedding": embedding(n=n, k=k, r=r, vocab=d0, d=d1),
+        "dense": DenseFactor(torch.randn(n, k, d0 * d1, generator=g, dtype=F64)),
+    }
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("layout", ["lowrank", "lowrank, K on v", "embedding", "dense"])
+def test_a_selection_of_several_weight_vectors_gives_each_vectors_values(layout, k):
+    """``w [m, G]`` evaluates G sparse functionals at once, with repeated positions adding up, exactly as G
+    selections one by one and as the dense gradients."""
+    f = _layouts(k)[layout]
+    shape = (6, 7)
+    g = torch.Generator().manual_seed(4)
+    flat = torch.tensor([3, 9, 10, 27, 3, 41, 0])
+    w = torch.randn(len(flat), 3, generator=g, dtype=F64)
+    sel = Selection(shape, flat, w)
+    together, terms = f.selected(sel), f.selected_terms(sel)
+    dense = f.dense()
+    assert together.shape == (5, k, 3) and terms.shape[:2] == (5, k) and terms.shape[3] == 3
+    assert close(terms.sum(2), together)
+    for j in range(3):
+        one = Selection(shape, flat, w[:, j])
+        assert close(together[..., j], f.selected(one))
+        assert close(f.selected_terms(one), terms[..., j])
+        want = torch.zeros(dense.shape[-1], dtype=F64).index_add_(0, flat, w[:, j])
+        assert close(together[..., j], dense @ want)

@@ -321,6 +321,16 @@ def test_bad_input_gives_clear_errors(mlp_feats):
         features_difference(feats, init.select_rows(slice(0, 5)))
 
 
+@pytest.mark.parametrize("group", ["layer", {"g": ["0.weigth[1,:]"]}, {"g": ["0.weight[9,:]"]}, {}, "head"], ids=str)
+def test_a_bad_group_is_refused_before_any_score_is_computed(mlp_feats, monkeypatch, group):
+    feats, _ = mlp_feats
+    scored = []
+    monkeypatch.setattr(type(feats), "sq_sums", lambda self, weights=None: scored.append(1))
+    with pytest.raises((ef.ConfigError, ef.FeatureIdError)):
+        rank(feats, by="contribution", group=group, n_heads=2)
+    assert scored == []
+
+
 def test_head_group_reads_the_number_of_heads_from_the_model(bridge_feats):
     feats, _, _, _ = bridge_feats
     assert feats.meta["n_heads"] == 4

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -357,3 +358,19 @@ def test_position_values_fold_the_rank_terms_of_every_quadrature_node():
     assert torch.allclose(got, want, atol=1e-12) and bool(got.abs().sum() > 0)
     with pytest.raises(ef.ConfigError, match="n_positions"):
         ef.search.position_values(feats, "mix.weight[2,:]", n_positions=0)
+
+
+@pytest.mark.parametrize("largest", [True, False])
+@pytest.mark.parametrize("k", [1, 5, 40])
+def test_the_top_k_of_a_batch_is_that_of_the_stable_sort(largest, k):
+    """`_stable_top` (candidates by topk, then a stable sort of them) picks exactly what a stable sort of each
+    whole row picks, with many ties and infinities."""
+    from efffeat.search import _stable_top
+
+    g = torch.Generator().manual_seed(k)
+    key = torch.randint(-3, 4, (6, 500), generator=g).to(F64)
+    key[0] = 0.0  # one value throughout
+    key[1, ::3] = -math.inf
+    key[2, ::2] = math.inf
+    want = torch.sort(key, dim=1, descending=largest, stable=True).indices[:, :k]
+    assert torch.equal(_stable_top(key, k, largest), want)

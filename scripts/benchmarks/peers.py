@@ -274,7 +274,7 @@ def rank_job(n: int, repeat: int) -> None:
     dual.features(x[:8])
     job = f"rank N={n}"
     delta = torch.cat([dual.delta[k].reshape(-1) for k, _ in model.named_parameters()])
-    fns = [lambda: ef.rank(dual.features(x, batch_size=n), by="contribution")]
+    fns = [lambda: ef.rank(dual.features(x, batch_size=n, need="features"), by="contribution")]
     try:
         from backpack import backpack, extend
         from backpack.extensions import SumGradSquared
@@ -435,7 +435,9 @@ def bridge_job(n: int, repeat: int) -> None:
         row(job, who, t, t_ef, rel_diff=rel(k, k_ef), repeats=1)
 
 
-def minilm_job(n: int, repeat: int) -> None:
+def minilm(n: int) -> tuple[ef.DualModel, torch.Tensor]:
+    """A MiniLM-L6-shaped BERT (random weights, θ* a seeded step from θ0), readout the first hidden unit of the
+    first position, order ``"trained"``, and `n` sequences of 16 random tokens; the plan made."""
     from transformers import BertConfig, BertModel
 
     cfg = BertConfig(
@@ -455,18 +457,30 @@ def minilm_job(n: int, repeat: int) -> None:
 
     dual = ef.DualModel(model, init, readout=first_hidden, order="trained", progress=False)
     dual.features(tokens[:4])
-    job = f"MiniLM-L6 N={n}"
+    return dual, tokens
+
+
+def minilm_times(n: int, repeat: int, clock: Callable[[], float] = time.perf_counter) -> tuple[float, float, int]:
+    """Best-of-`repeat` seconds of the lean capture (``dual.features(tokens, need="features")``) and of one
+    ``ef.rank`` of every parameter of its result, in turn; and P."""
+    dual, tokens = minilm(n)
     feats = None
     t_cap = t_rank = float("inf")
     for _ in range(repeat):
-        start = time.perf_counter()
-        feats = dual.features(tokens, batch_size=64)
-        t_cap = min(t_cap, time.perf_counter() - start)
-        start = time.perf_counter()
+        start = clock()
+        feats = dual.features(tokens, batch_size=64, need="features")
+        t_cap = min(t_cap, clock() - start)
+        start = clock()
         ef.rank(feats, by="contribution")
-        t_rank = min(t_rank, time.perf_counter() - start)
+        t_rank = min(t_rank, clock() - start)
     assert feats is not None
-    row(job, "efffeat features (capture)", t_cap, t_cap, P=feats.n_features)
+    return t_cap, t_rank, feats.n_features
+
+
+def minilm_job(n: int, repeat: int) -> None:
+    t_cap, t_rank, p = minilm_times(n, repeat)
+    job = f"MiniLM-L6 N={n}"
+    row(job, "efffeat features (capture, need='features')", t_cap, t_cap, P=p)
     row(job, "efffeat ef.rank, every parameter", t_rank, t_cap)
 
 

@@ -1,8 +1,8 @@
 """Rank every weight of a ~1M-parameter MLP (512-1024-512-10) over 10,000 inputs.
 
 Each configuration runs in a fresh subprocess so its peak RSS (``ru_maxrss``) is its own. Capture
-(``dual.features``) and ranking (``ef.rank``) are timed separately; the dense feature matrix the ranking
-avoids is sized for comparison.
+(``dual.features(x, need="features")``) and ranking (``ef.rank``) are timed separately; the dense feature
+matrix the ranking avoids is sized for comparison.
 
     python scripts/bench.py rank [--n 10000] [--quick]
 """
@@ -42,7 +42,7 @@ def measure(n: int, readout: int | str, order: str) -> dict:
     dual = ef.DualModel(model, init, readout=readout, order=order, progress=False)
     rss_before = _peak_mib()
     t0 = time.perf_counter()
-    feats = dual.features(x, batch_size=1000)
+    feats = dual.features(x, batch_size=1000, need="features")  # the readouts ranking does not need skipped
     t1 = time.perf_counter()
     rss_capture = _peak_mib()
     table = rank(feats, by="contribution", group="param")

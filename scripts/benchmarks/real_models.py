@@ -1,14 +1,20 @@
 """Bring your own model: what features cost on convolutional, attention and recurrent networks, against a plain
 forward and backward pass over the same batches, and the kernel against `torch.func` Jacobian contraction.
 
-    python scripts/benchmarks/real_models.py [--repeat 3]
+    python scripts/bench.py real_models [--repeat 3] [--no-minilm]
 
 1. The digits CNN (Conv2d 1→16→32, 3×3, MaxPool, Linear 128→10; all 1797 scikit-learn digits, readout = logit 0):
    features at every order against a plain forward+backward; the order-``init`` kernel against ``vmap(jacrev)``
    then ``J Jᵀ`` at the same θ0.
-2. ``nn.TransformerEncoder`` (batch_first, d_model 64, 4 heads, 2 layers, T=16, key padding mask), N=512.
+2. ``nn.TransformerEncoder`` (batch_first, d_model 64, 4 heads, 2 layers, T=16, key padding mask), N=512, every
+   order.
 3. ``nn.GRU`` (8→32, T=20), N=256: the exact per-example loop (vmap cannot run it).
 4. The capture of a 64-512-512-512-1 tanh MLP at N=512.
+5. A MiniLM-L6-shaped BERT (22.6M parameters), N=256 sequences of 16 tokens: one ``ef.rank`` of every parameter
+   against the lean capture it ranks (``dual.features(tokens, need="features")``).
+
+Features rows time ``dual.features(x)`` (``need="all"``: with the readouts at θ0 and θ* that completeness needs)
+and, for order ``init``, the lean ``need="features"`` a ranking or search runs.
 
 float32, one torch thread. Times are the process's CPU time (with one thread, robust to other load on the
 machine), the best of ``--repeat`` runs; ratios are within one run.
@@ -62,14 +68,17 @@ def _feature_rows(
     case: str, model: nn.Module, init: dict, x: Any, readout: Any, plain_s: float, orders: tuple, repeat: int
 ) -> list[dict]:
     rows = []
-    for order in orders:
+    for order, need in [(order, "all") for order in orders] + [("init", "features")]:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ef.FallbackWarning)
+            warnings.simplefilter("ignore", ef.CompletenessWarning)
             dual = ef.DualModel(model, init, readout=readout, order=order, nodes=2, progress=False)
-            t, _ = _timed(lambda dual=dual: dual.features(x, batch_size=256), repeat)
-        route = "fallback (loop)" if any("one example at a time" in str(w.message) for w in caught) else "factored"
-        route = "fallback (vmap)" if route == "factored" and caught else route
-        rows.append({"case": case, "what": f"features ({order})", "route": route, "s": t, "ratio": t / plain_s})
+            t, _ = _timed(lambda dual=dual, need=need: dual.features(x, batch_size=256, need=need), repeat)
+        fallback = [w for w in caught if issubclass(w.category, ef.FallbackWarning)]
+        route = "fallback (loop)" if any("one example at a time" in str(w.message) for w in fallback) else "factored"
+        route = "fallback (vmap)" if route == "factored" and fallback else route
+        what = f"features ({order})" if need == "all" else f"features ({order}, need='features')"
+        rows.append({"case": case, "what": what, "route": route, "s": t, "ratio": t / plain_s})
     return rows
 
 
@@ -148,7 +157,7 @@ def transformer_encoder(repeat: int, n: int = 512) -> list[dict]:
     case = f"nn.TransformerEncoder d=64 T=16, N={n}"
     plain_s, _ = _timed(_plain(model, list(x.split(256)), lambda out: out), repeat)
     rows = [{"case": case, "what": "plain forward+backward", "route": "-", "s": plain_s, "ratio": 1.0}]
-    return rows + _feature_rows(case, model, init, x, "output", plain_s, ("init", "nlo"), repeat)
+    return rows + _feature_rows(case, model, init, x, "output", plain_s, ("init", "nlo", "trained", "path"), repeat)
 
 
 def gru(repeat: int, n: int = 256) -> list[dict]:
@@ -194,6 +203,23 @@ def mlp_capture(repeat: int, n: int = 512) -> list[dict]:
     return rows
 
 
+def minilm(repeat: int, n: int = 256) -> list[dict]:
+    from benchmarks.peers import minilm_times
+
+    t_cap, t_rank, p = minilm_times(n, repeat, clock=time.process_time)
+    case = f"MiniLM-L6-shaped BERT (P = {p:,}), N={n}, T=16"
+    return [
+        {"case": case, "what": "features (trained, need='features')", "route": "factored", "s": t_cap, "ratio": 1.0},
+        {
+            "case": case,
+            "what": "ef.rank, every parameter (× the capture)",
+            "route": "factored",
+            "s": t_rank,
+            "ratio": t_rank / t_cap,
+        },
+    ]
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| case | what | route | time (s) | × plain |", "|---|---|---|---|---|"]
     lines += [f"| {r['case']} | {r['what']} | {r['route']} | {r['s']:.3f} | {r['ratio']:.1f} |" for r in rows]
@@ -203,6 +229,7 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="real_models.py")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--no-minilm", action="store_true", help="leave out the BERT row (a minute)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
@@ -211,9 +238,18 @@ def main(argv: list[str] | None = None) -> None:
         f"1 torch thread, torch {torch.__version__}\n"
     )
     rows = digits_cnn(args.repeat) + transformer_encoder(args.repeat) + gru(args.repeat) + mlp_capture(args.repeat)
+    rows += [] if args.no_minilm else minilm(args.repeat)
     print("## bring your own model: features against a plain forward+backward over the same batches (float32)\n")
     print(table(rows))
+    print(
+        "\n× plain = time / the plain forward+backward of the same case (for the BERT rank row: / the capture); "
+        "CPU time, best of the repeats."
+    )
 
 
 if __name__ == "__main__":
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     main()

@@ -303,6 +303,8 @@ def _case(case: str, out: Path) -> None:
     except Exception as e:
         seen = {"type": type(e).__name__, "message": str(e)}
     (out / f"rank{rank}.json").write_text(json.dumps({**seen, "seconds": time.monotonic() - start}))
+    if case == "nan":  # every rank took part in the error's collectives: the group is whole, close it cleanly
+        td.destroy_process_group()  # (left to the interpreter's exit, gloo's threads may abort the process)
 
 
 def _worker(out: Path) -> None:

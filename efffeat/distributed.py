@@ -256,6 +256,9 @@ class _GlobalSums:
     def rmatvec(self, u: Tensor) -> Tensor:
         return rmatvec(self.local, u[self.rows])
 
+    def group_contribution_sq_sums(self, pos: Tensor, gid: Tensor, n_groups: int) -> Tensor:
+        return all_reduce_sum(self.local.group_contribution_sq_sums(pos, gid, n_groups))
+
 
 def rank(feats: EffectiveFeatures, by: str = "contribution", group: Any = "param", top: int | None = None, **kw):
     """`efffeat.ranking.rank` of the whole dataset from sharded features; every rank gets the same table.

@@ -21,6 +21,9 @@ from .factors import Factor, cat_examples, from_state, gram_sum
 from .groups import absorbed_biases
 from .ids import FeatureIds, ParamSlot
 
+# Bytes of per-example gradients one block of `EffectiveFeatures.group_contribution_sq_sums` forms at once.
+_GROUP_BLOCK_BYTES = 256 << 20
+
 # The orders of the effective features (`efffeat.DualModel`).
 ORDERS = ("init", "nlo", "trained", "path")
 
@@ -380,6 +383,37 @@ class EffectiveFeatures:
         """``[P]`` (a new tensor): ``Σ_{x,k} w(x, k) φ^E_μ(x, k)²`` for every feature at once, from the factors."""
         w = None if weights is None else self._in(weights)
         return torch.cat([self.factors[s.name].sq_sum(w) for s in self.slots])
+
+    def group_contribution_sq_sums(self, pos: Tensor, gid: Tensor, n_groups: int) -> Tensor:
+        """``[G]``: ``Σ_{x,k} (Σ_{μ∈G} Δθ_μ φ^E_μ(x, k))²``, each group's *summed* contribution squared and summed
+        over the (example, component) pairs, for the groups of the feature positions ``pos [M]`` (group of each
+        ``gid [M]`` in ``0..n_groups−1``; a position may be in several groups).
+
+        Unlike the sum of the members' squares (`sq_sums`), contributions of one group that cancel cancel here.
+        The per-example gradients of the tensors holding members are formed from the factors for a block of
+        examples at a time (at most `_GROUP_BLOCK_BYTES` each); the ``[N, P]`` matrix never is.
+        """
+        delta = self.flat_delta()
+        pos, gid = pos.to(self.device), gid.to(self.device)
+        parts = []
+        for s in self.slots:
+            inside = (pos >= s.offset) & (pos < s.offset + s.numel)
+            if bool(inside.any()):
+                at = pos[inside]
+                parts.append((s.name, at - s.offset, gid[inside], delta[at]))
+        k = self.n_outputs
+        widest = max((self.factors[name].numel for name, *_ in parts), default=1)
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        block = max(1, _GROUP_BLOCK_BYTES // (k * widest * itemsize))
+        out = torch.zeros(n_groups, dtype=self.dtype, device=self.device)
+        for start in range(0, self.n_examples, block):
+            rows = slice(start, min(start + block, self.n_examples))
+            sums = torch.zeros(rows.stop - rows.start, k, n_groups, dtype=self.dtype, device=self.device)
+            for name, local, g, d in parts:
+                grads = self.factors[name].rows(rows).dense()  # [n_block, K, numel]
+                sums.index_add_(2, g, grads[..., local] * d)
+            out += sums.square().sum(dim=(0, 1))
+        return out
 
     def sq_norms(
         self, params: Sequence[str] | str | None = None, by_tensor: bool = False

@@ -13,6 +13,7 @@ contribution ``c_μ(x, k) = Δθ_μ φ^E_μ(x, k)``:
 ``"variance"``           ``(1/K) Σ_k Var_x φ^E_μ(x, k)`` (population variance)         ``Σ_{μ∈G} s_μ``
 ``"learned"``            RMS of ``φ^E_μ − φ_μ(θ0)`` (needs ``init=``)                  ``√Σ_{μ∈G} s_μ²``
 ``"weight"``             ``|Δθ_μ|``                                                  ``√Σ_{μ∈G} s_μ²``
+``"net_contribution"``   as ``"contribution"``                                       RMS of ``Σ_{μ∈G} c_μ``
 =======================  ==========================================================  ==============
 
 Group scores are exact aggregates, not samples: for the RMS scores the group score is the root of the summed
@@ -21,6 +22,13 @@ pairs, *not* by the group size, so a group's score is the total energy of its me
 group scores like that member. The ``"mean_contribution"`` of a group is the mean of the group's summed
 contribution ``Σ_{μ∈G} c_μ(x, k)`` (its share of the mean output change); its ``"variance"`` is the trace of
 the members' covariance.
+
+``"net_contribution"`` scores a group by what it does *together*: the RMS over (example, component) of its
+summed contribution ``√(Σ_{x,k} (Σ_{μ∈G} c_μ(x, k))² / NK)``, the number a dashboard's signed contribution
+histogram shows. Where the members push the readout in opposite directions (a linear head whose rows cancel,
+an embedding) a group can have a large ``"contribution"`` energy and a small net one; rank by both to see
+which groups moved the output and which only moved. It forms the per-example gradients of the grouped tensors
+a block of examples at a time (``N·P`` multiply-adds), so it costs more than the other criteria.
 
 Tables are sorted by score, descending; signed scores are sorted by magnitude. Ties keep feature order
 (stable sort), so a ranking is deterministic. Groups are those of `efffeat.groups` (``group=``).
@@ -62,6 +70,8 @@ class Criterion:
         aggregate: how members' scores combine into a group's: ``"rms"`` (``√Σ s²``) or ``"sum"`` (``Σ s``).
         signed: the score has a sign; tables sort by its magnitude.
         needs_init: `score` needs the features at init (``rank(..., init=...)``).
+        group_score: ``(features, positions [M], group of each [M], number of groups) -> [G]`` scores of groups
+            that are not aggregates of their members' scores (``"net_contribution"``); `aggregate` is then unused.
     """
 
     name: str
@@ -69,6 +79,7 @@ class Criterion:
     aggregate: str = "rms"
     signed: bool = False
     needs_init: bool = False
+    group_score: Callable[[EffectiveFeatures, Tensor, Tensor, int], Tensor] | None = None
 
 
 CRITERIA: dict[str, Criterion] = {}
@@ -133,6 +144,13 @@ register_criterion(Criterion("variance", _variance, aggregate="sum"))
 register_criterion(Criterion("learned", _learned, needs_init=True))
 register_criterion(Criterion("weight", lambda f, _: f.flat_delta().abs()))
 
+
+def _net_contribution(features: EffectiveFeatures, pos: Tensor, gid: Tensor, n_groups: int) -> Tensor:
+    return (features.group_contribution_sq_sums(pos, gid, n_groups) / _n_pairs(features)).sqrt()
+
+
+register_criterion(Criterion("net_contribution", _contribution, group_score=_net_contribution))
+
 BY = tuple(CRITERIA)  # the criteria efffeat ships; `CRITERIA` also holds those registered later
 GROUPS = groups.KINDS
 
@@ -160,7 +178,7 @@ def rank(
     Args:
         features: effective features of a dataset (``dual.features(data)``).
         by: a registered criterion (module docstring): ``"contribution" | "mean_contribution" | "variance" |
-            "learned" | "weight"``.
+            "learned" | "weight" | "net_contribution"``.
         group: ``"param" | "neuron" | "input" | "module" | "head"``, a list of ids, ``{name: [ids]}`` or a
             predicate over tensor names (`efffeat.groups`).
         top: keep only the best `top` rows.
@@ -189,14 +207,17 @@ def rank(
     if not (isinstance(group, str) and group == "param"):
         heads = n_heads if n_heads is not None else features.meta.get("n_heads")
         grouped = groups.partition(features.ids, group, heads)  # checked before any scoring
-    per_feature = crit.score(features, init)
     if grouped is None:
-        scores, labels, sizes = per_feature, None, None
+        scores, labels, sizes = crit.score(features, init), None, None
     else:
         names, pos, gid = grouped
-        values = per_feature.square() if crit.aggregate == "rms" else per_feature
-        scores = torch.zeros(len(names), dtype=values.dtype).index_add_(0, gid, values[pos])
-        scores = scores.sqrt() if crit.aggregate == "rms" else scores
+        if crit.group_score is not None:
+            scores = crit.group_score(features, pos, gid, len(names))
+        else:
+            per_feature = crit.score(features, init)
+            values = per_feature.square() if crit.aggregate == "rms" else per_feature
+            scores = torch.zeros(len(names), dtype=values.dtype).index_add_(0, gid, values[pos])
+            scores = scores.sqrt() if crit.aggregate == "rms" else scores
         labels = names
         sizes = torch.zeros(len(names), dtype=torch.long).index_add_(0, gid, torch.ones_like(gid))
     order, values = _sort_descending(scores.abs() if crit.signed else scores, top)

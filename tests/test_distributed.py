@@ -74,7 +74,7 @@ def results(dual: ef.DualModel, x: torch.Tensor, out: Path) -> dict:
     top_v, top_i = dist.all_gather_topk(top_v, top_i, k=3)
     tables = {
         (by, group): dist.rank(feats, by=by, group=group)
-        for by in ("contribution", "mean_contribution", "variance")
+        for by in ("contribution", "mean_contribution", "variance", "net_contribution")
         for group in ("param", "neuron")
     }
     on_disk = dist.kernel_to_disk(dual, x, out / "kernel.npy", block=2)
@@ -106,7 +106,7 @@ def reference(dual: ef.DualModel, x: torch.Tensor) -> dict:
     order = torch.sort(values, dim=0, descending=True, stable=True).indices[:3]  # stable: smaller index first
     tables = {
         (by, group): rank(feats, by=by, group=group)
-        for by in ("contribution", "mean_contribution", "variance")
+        for by in ("contribution", "mean_contribution", "variance", "net_contribution")
         for group in ("param", "neuron")
     }
     search = max_activating(dual, x, SEARCHED, k=4, by="contribution", batch_size=3, progress=False)

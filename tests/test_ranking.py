@@ -31,7 +31,7 @@ def brute_feature_scores(feats, init_feats, by: str) -> torch.Tensor:
     phi = dense3(feats)
     delta = feats.flat_delta()
     c = phi * delta
-    if by == "contribution":
+    if by in ("contribution", "net_contribution"):
         return c.square().mean(dim=(0, 1)).sqrt()
     if by == "mean_contribution":
         return c.mean(dim=(0, 1))
@@ -76,6 +76,9 @@ def brute_table(feats, init_feats, by, group, d_head=None) -> dict[str, float]:
     members = group if isinstance(group, dict) else brute_groups(feats.ids, group, d_head)
     if isinstance(group, dict):
         members = {k: sorted({p for fid in v for p in _positions(feats.ids, fid)}) for k, v in group.items()}
+    if by == "net_contribution":  # the RMS of each group's summed contribution
+        c = dense3(feats) * feats.flat_delta()
+        return {k: float(c[..., v].sum(-1).square().mean().sqrt()) for k, v in members.items()}
     rms = by in ("contribution", "learned", "weight")
     return {k: float(s[v].square().sum().sqrt() if rms else s[v].sum()) for k, v in members.items()}
 
@@ -410,3 +413,21 @@ def test_embedding_features_rank_like_their_one_hot_layout():
         a, b = rank(feats, by=by, group="neuron"), rank(one_hot, by=by, group="neuron")
         assert list(a.ids) == list(b.ids)
         torch.testing.assert_close(a.scores, b.scores, rtol=1e-12, atol=1e-300)
+
+
+def test_net_contribution_lets_cancelling_members_cancel():
+    """Two hidden units whose output weights are opposite: each moves the output, together they do not."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2), nn.Tanh(), nn.Linear(2, 1, bias=False)).to(F64)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model[0].weight[1] = model[0].weight[0]
+        model[0].bias[1] = model[0].bias[0]
+        model[2].weight[0, 1] = -model[2].weight[0, 0]
+        init["2.weight"] = model[2].weight.clone() * 0.5  # the output row moved, its two halves opposite
+    dual = ef.DualModel(model, init, order="trained", progress=False)
+    feats = dual.features(torch.randn(20, 3, dtype=F64))
+    energy = rank(feats, by="contribution", group="module")
+    net = rank(feats, by="net_contribution", group="module")
+    assert dict(zip(energy.ids, energy.scores.tolist()))["2.weight"] > 1e-2
+    assert dict(zip(net.ids, net.scores.tolist()))["2.weight"] < 1e-12

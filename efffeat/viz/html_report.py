@@ -255,7 +255,9 @@ def _ranking_legend(table: Any) -> str:
         + ("feature" if table.group == "param" else f"group of features ({html.escape(str(table.group))})")
         + f", scored by <code>{html.escape(table.by)}</code> over every (example, component) pair: "
         "<code>contribution</code> is the root-mean-square of its contribution Δθ·φᴱ to the readout change "
-        "(a group: of its members' together, √Σ of their mean squares); <code>variance</code> the variance of "
+        "(a group: of its members' together, √Σ of their mean squares, so members that cancel still count); "
+        "<code>net_contribution</code> the root-mean-square of a group's summed contribution (what it does "
+        "together); <code>variance</code> the variance of "
         "its values; <code>learned</code> how far its features moved from the NTK features at θ0; "
         "<code>weight</code> |Δθ|.</p></div>"
     )

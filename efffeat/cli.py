@@ -149,7 +149,8 @@ def cmd_analyse(args: argparse.Namespace) -> None:
     if change is not None:
         print(f"kernel change ΔΘ = Θ_{order} − Θ_init, top {len(change)} modes (centred, by |λ|):")
         for i in range(len(change)):
-            print(f"  {i:>3}. λ {float(change.values[i]):<11.4g} {_where(change, i)}")
+            where = ", ".join(f"{name} {share:.0%}" for name, share in list(change.tensor_shares(i).items())[:3])
+            print(f"  {i:>3}. λ {float(change.values[i]):<11.4g} {where}")
     analysis = {
         "order": order,
         "order_reason": an.order_reason,
@@ -167,13 +168,6 @@ def cmd_analyse(args: argparse.Namespace) -> None:
         print(f"report: {path}")
 
 
-def _where(change: Any, i: int, n: int = 3) -> str:
-    """The tensors that carry most of mode i's parameter direction, with their share of it."""
-    shares = {name: float(b.square().sum()) for name, b in change.blocks(i).items()}
-    total = sum(shares.values()) or 1.0
-    return ", ".join(f"{name} {shares[name] / total:.0%}" for name in sorted(shares, key=lambda k: -shares[k])[:n])
-
-
 def cmd_search(args: argparse.Namespace) -> None:
     from .dual import AUTO
     from .search import max_activating
@@ -181,7 +175,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     settings = _analysis_settings(args.dir)
     subject = _subject(args.dir, settings)
     order = args.order or settings.get("order", AUTO)
-    dual, data = _dual(subject, order, args.max_examples, settings.get("nodes", 4) if order == "path" else 4)
+    dual, data = _dual(subject, order, args.max_examples, settings.get("nodes", 4))
     top = max_activating(dual, data, [args.feature], k=args.k, by=args.by, largest=not args.bottom)
     entry = top[args.feature]
     labels = data[1] if isinstance(data, tuple) and len(data) > 1 else None
@@ -214,8 +208,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     subject = _subject(args.dir, settings)
     order = args.order or settings.get("order", AUTO)
     by, group = settings.get("by", "contribution"), settings.get("group", "neuron")
-    nodes = settings.get("nodes", 4) if order == "path" else 4
-    an = _analysis(subject, order, args.max_examples, by, group, nodes, args.change)
+    an = _analysis(subject, order, args.max_examples, by, group, settings.get("nodes", 4), args.change)
     comparison = _comparison(args.dir)
     out = Path(args.out) if args.out else Path(args.dir) / REPORT_FILE
     path = _write_report(subject, an, out, comparison=comparison, top=args.dashboards)

@@ -95,6 +95,10 @@ def test_the_kernel_change_is_that_of_the_analysed_features(counted):
     overlap = (change.direction_matrix @ alone.direction_matrix.T).abs().diagonal()
     assert overlap.min() > 1 - 1e-4
     assert change.meta["order"] == "nlo" and change.meta["against"] == "init"
+    shares = change.tensor_shares(0)
+    blocks = {name: float(b.square().sum()) for name, b in change.blocks(0).items()}
+    assert list(shares) == sorted(blocks, key=lambda n: -blocks[n]) and sum(shares.values()) == pytest.approx(1.0)
+    assert shares == pytest.approx({n: v / sum(blocks.values()) for n, v in blocks.items()})
     assert ef.viz.spectrum(change).layout.title.text.startswith("Spectrum of the kernel change ΔΘ = Θ_nlo − Θ_init")
     dash = ef.viz.feature_dashboard(dual, 1, data=data, features=an.features, eigen=change)
     assert "change[1]" in dash.figure.layout.title.text and "of the kernel change ΔΘ" in dash.figure.layout.title.text

@@ -146,6 +146,13 @@ class KernelChange(Spectrum):
                 start += s.numel
         return out
 
+    def tensor_shares(self, i: int, kind: str = "change") -> dict[str, float]:
+        """``{state_dict name: share of ‖d_i‖²}`` of direction i on each tensor, largest first (they sum to 1):
+        where in the network the mode lives."""
+        sq = {name: float(b.square().sum()) for name, b in self.blocks(i, kind).items()}
+        total = sum(sq.values()) or 1.0
+        return {name: sq[name] / total for name in sorted(sq, key=lambda n: -sq[n])}
+
     def _block(self, i: int, param: str, kind: str) -> Tensor:
         """``[d0, d1]`` the block of direction i on `param` (trailing axes flattened)."""
         slot = FeatureIds(self.slots or []).slot(param)

@@ -240,10 +240,8 @@ def _modes_html(change: Any, n_modes: int = 10, n_tensors: int = 3) -> str:
     """One row per mode: λ, and the tensors that carry most of its parameter direction (share of ‖d‖²)."""
     rows = []
     for i in range(min(n_modes, len(change))):
-        shares = {name: float(b.square().sum()) for name, b in change.blocks(i).items()}
-        total = sum(shares.values()) or 1.0
-        top = sorted(shares, key=lambda n: -shares[n])[:n_tensors]
-        where = ", ".join(f"{html.escape(n)} {shares[n] / total:.0%}" for n in top)
+        shares = list(change.tensor_shares(i).items())[:n_tensors]
+        where = ", ".join(f"{html.escape(name)} {share:.0%}" for name, share in shares)
         rows.append(f"<tr><td>{i}</td><td class='num'>{float(change.values[i]):.4g}</td><td>{where}</td></tr>")
     head = "<tr><th>mode</th><th>λ</th><th>where its direction lies (share of ‖d‖²)</th></tr>"
     return f"<table class='data'>{head}{''.join(rows)}</table>"

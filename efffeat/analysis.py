@@ -119,7 +119,7 @@ class Analysis:
         """Sentences a reader of the results should see: a θ0 that is not the network's random initialisation
         (`DualModel.init_kind`), a model computing below float32, and features whose completeness residual is
         above 0.5 (they explain little of what the network learned)."""
-        out = [note for note in (self.dual.init_note, self.dual.precision_note) if note]
+        out = self.dual.notes
         value = self.features.meta.get("completeness")
         if value is not None and value > WARN_RESIDUAL:
             out.append(

@@ -67,8 +67,22 @@ AUTO = "auto"
 FAIL_MODES = ("fallback", "error")
 NEEDS = ("all", "features")
 # What θ0 is (`DualModel.init_kind`): the network's own random initialisation, pretrained weights that were
-# fine-tuned, or any other parameter setting (e.g. a re-initialised copy).
-INIT_KINDS = ("initialisation", "pretrained", "other")
+# fine-tuned, or any other parameter setting (e.g. a re-initialised copy) — in a few words, and the note every
+# result carries (None: nothing to say).
+_INIT_KINDS: dict[str, tuple[str, str | None]] = {
+    "initialisation": ("the network's random initialisation (Δθ is what training learned)", None),
+    "pretrained": (
+        "pretrained weights, then fine-tuned (Δθ is what fine-tuning changed)",
+        "θ0 is a pretrained network, not a random initialisation: Δθ = θ* − θ0 and the effective features describe "
+        "what fine-tuning changed, not what pretraining learned",
+    ),
+    "other": (
+        "another parameter setting, not the network's initialisation (Δθ is not a training run)",
+        "θ0 is not the network's initialisation (init_kind='other'): Δθ = θ* − θ0 is a difference between two "
+        "parameter settings, not a training run, and the features explain that difference only",
+    ),
+}
+INIT_KINDS = tuple(_INIT_KINDS)
 
 # order="auto": nlo when its completeness residual is at most this on the first batch, else path with nodes
 # added (from `nodes`, along _AUTO_NODES) until the residual is at most AUTO_PATH_RESIDUAL.
@@ -256,7 +270,7 @@ class DualModel:
             offset += p.numel()
         self.ids = FeatureIds(slots)
         self.init_kind = init_kind
-        self.init_note = _INIT_NOTES[init_kind]
+        self.init_what, self.init_note = _INIT_KINDS[init_kind]
         self.precision_note = _precision_note(self.dtype)
         if self.precision_note is not None:
             warnings.warn(f"efffeat: {self.precision_note}", PrecisionWarning, stacklevel=2)
@@ -265,6 +279,12 @@ class DualModel:
         self._probed: tuple[bool, ...] | None = None  # the modes under which the determinism probe passed
         self._warned: set[tuple[str, int | None]] = set()
         self._activations: tuple[float, int] | None = None  # (activation entries per example, K) for batch sizes
+
+    @property
+    def notes(self) -> list[str]:
+        """What a reader of any result of this model should know: θ0 is not a random initialisation
+        (`init_note`), the model computes below float32 (`precision_note`)."""
+        return [note for note in (self.init_note, self.precision_note) if note]
 
     @staticmethod
     def supported(model: nn.Module) -> Support:
@@ -899,19 +919,6 @@ def _check_order(order: Any, allow_auto: bool = False) -> str:
     if not isinstance(order, str) or order not in choices:
         raise ConfigError(f"unknown order {order!r}; choose one of {', '.join(repr(o) for o in choices)}")
     return order
-
-
-_INIT_NOTES: dict[str, str | None] = {
-    "initialisation": None,
-    "pretrained": (
-        "θ0 is a pretrained network, not a random initialisation: Δθ = θ* − θ0 and the effective features describe "
-        "what fine-tuning changed, not what pretraining learned"
-    ),
-    "other": (
-        "θ0 is not the network's initialisation (init_kind='other'): Δθ = θ* − θ0 is a difference between two "
-        "parameter settings, not a training run, and the features explain that difference only"
-    ),
-}
 
 
 def _precision_note(dtype: torch.dtype) -> str | None:

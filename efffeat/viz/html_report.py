@@ -188,7 +188,7 @@ def _summary_html(dual: Any, features: Any, completeness: Mapping[str, float], r
         ("examples", f"{features.n_examples:,}"),
         ("readout", f"{dual.readout.name} ({readout})"),
         ("order of the features shown", f"{features.order} (completeness residual {residual:.3g})"),
-        ("θ0", _INIT_KINDS[dual.init_kind]),
+        ("θ0", dual.init_what),
         ("|Δθ| = |θ* − θ0|", f"{dual.delta_norm():.4g}"),
     ]
     body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
@@ -204,19 +204,11 @@ def _summary_html(dual: Any, features: Any, completeness: Mapping[str, float], r
             "sum over all of them, and each dashboard draws the component the feature contributes most to, "
             "named in its subtitle as <i>readout component k</i>.</p>"
         )
-    notes = (n for n in (dual.init_note, dual.precision_note) if n)  # the residual has its own box
-    boxes = "".join(f"<div class='warning'><b>Note:</b> {html.escape(n)}.</div>" for n in notes)
+    boxes = "".join(f"<div class='warning'><b>Note:</b> {html.escape(n)}.</div>" for n in dual.notes)
     return (
         f"{boxes}<table class='data'>{body}</table><div class='legend'>{legend}</div>"
         f"<table class='data'><tr><th>order</th><th>completeness residual</th></tr>{orders}</table>"
     )
-
-
-_INIT_KINDS = {
-    "initialisation": "the network's random initialisation (Δθ is what training learned)",
-    "pretrained": "pretrained weights, then fine-tuned (Δθ is what fine-tuning changed)",
-    "other": "another parameter setting, not the network's initialisation (Δθ is not a training run)",
-}
 
 
 def _change_legend(change: Any) -> str:

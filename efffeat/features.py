@@ -14,15 +14,12 @@ from torch import Tensor
 
 from . import io
 from ._check import one_of
-from ._memory import check_fits
+from ._memory import batch_size_for, check_fits
 from ._savable import register
 from .errors import ConfigError, FeatureIdError, SaveFileError
 from .factors import Factor, cat_examples, from_state, gram_sum
 from .groups import absorbed_biases
 from .ids import FeatureIds, ParamSlot
-
-# Bytes of per-example gradients one block of `EffectiveFeatures.group_contribution_sq_sums` forms at once.
-_GROUP_BLOCK_BYTES = 256 << 20
 
 # The orders of the effective features (`efffeat.DualModel`).
 ORDERS = ("init", "nlo", "trained", "path")
@@ -391,7 +388,7 @@ class EffectiveFeatures:
 
         Unlike the sum of the members' squares (`sq_sums`), contributions of one group that cancel cancel here.
         The per-example gradients of the tensors holding members are formed from the factors for a block of
-        examples at a time (at most `_GROUP_BLOCK_BYTES` each); the ``[N, P]`` matrix never is.
+        examples at a time, sized from the memory available; the ``[N, P]`` matrix never is.
         """
         delta = self.flat_delta()
         pos, gid = pos.to(self.device), gid.to(self.device)
@@ -404,7 +401,7 @@ class EffectiveFeatures:
         k = self.n_outputs
         widest = max((self.factors[name].numel for name, *_ in parts), default=1)
         itemsize = torch.empty((), dtype=self.dtype).element_size()
-        block = max(1, _GROUP_BLOCK_BYTES // (k * widest * itemsize))
+        block = batch_size_for(2 * k * (widest + n_groups) * itemsize, cap=max(1, self.n_examples))
         out = torch.zeros(n_groups, dtype=self.dtype, device=self.device)
         for start in range(0, self.n_examples, block):
             rows = slice(start, min(start + block, self.n_examples))

@@ -21,6 +21,9 @@ from .factors import Factor, cat_examples, from_state, gram_sum
 from .groups import absorbed_biases
 from .ids import FeatureIds, ParamSlot
 
+# Examples of per-example gradients `EffectiveFeatures.group_contribution_sq_sums` forms at most at once.
+_GROUP_BLOCK = 64
+
 # The orders of the effective features (`efffeat.DualModel`).
 ORDERS = ("init", "nlo", "trained", "path")
 
@@ -401,15 +404,15 @@ class EffectiveFeatures:
         k = self.n_outputs
         widest = max((self.factors[name].numel for name, *_ in parts), default=1)
         itemsize = torch.empty((), dtype=self.dtype).element_size()
-        block = batch_size_for(2 * k * (widest + n_groups) * itemsize, cap=max(1, self.n_examples))
+        block = batch_size_for(3 * k * (widest + n_groups) * itemsize, cap=min(_GROUP_BLOCK, self.n_examples))
         out = torch.zeros(n_groups, dtype=self.dtype, device=self.device)
         for start in range(0, self.n_examples, block):
             rows = slice(start, min(start + block, self.n_examples))
-            sums = torch.zeros(rows.stop - rows.start, k, n_groups, dtype=self.dtype, device=self.device)
+            sums = torch.zeros(n_groups, (rows.stop - rows.start) * k, dtype=self.dtype, device=self.device)
             for name, local, g, d in parts:
-                grads = self.factors[name].rows(rows).dense()  # [n_block, K, numel]
-                sums.index_add_(2, g, grads[..., local] * d)
-            out += sums.square().sum(dim=(0, 1))
+                grads = self.factors[name].rows(rows).dense().flatten(0, 1)  # [n_block·K, numel]
+                sums.index_add_(0, g, (grads.T[local] * d[:, None]))  # one row added per member
+            out += sums.square().sum(dim=1)
         return out
 
     def sq_norms(

@@ -49,13 +49,16 @@ def measure(n: int, readout: int | str, order: str) -> dict:
     t2 = time.perf_counter()
     neurons = rank(feats, by="contribution", group="neuron")
     t3 = time.perf_counter()
-    assert len(table) == dual.n_features and len(neurons) == 1024 + 512 + 10
+    net = rank(feats, by="net_contribution", group="neuron")  # per-example gradients formed block by block
+    t4 = time.perf_counter()
+    assert len(table) == dual.n_features and len(neurons) == len(net) == 1024 + 512 + 10
     return {
         "P": dual.n_features,
         "K": feats.n_outputs,
         "capture_s": t1 - t0,
         "rank_s": t2 - t1,
         "rank_neuron_s": t3 - t2,
+        "net_neuron_s": t4 - t3,
         "rss_start_mib": rss_before,
         "rss_capture_mib": rss_capture,
         "rss_peak_mib": _peak_mib(),
@@ -74,10 +77,10 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     print(f"### rank: every weight of a 512-1024-512-10 MLP over {args.n:,} inputs (float32)\n")
     print(
-        "| readout | order | P | capture (s) | rank all weights (s) | rank neurons (s) | peak RSS capture (MiB) "
-        "| peak RSS total (MiB) | dense [N·K, P] would need |"
+        "| readout | order | P | capture (s) | rank all weights (s) | rank neurons (s) | net_contribution neurons (s) "
+        "| peak RSS capture (MiB) | peak RSS total (MiB) | dense [N·K, P] would need |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for config in CONFIGS[:1] if args.quick else CONFIGS:
         child = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps({"n": args.n, **config})]
         out = subprocess.run(child, capture_output=True, text=True, check=True)
@@ -85,8 +88,8 @@ def main(argv: list[str]) -> None:
         readout = "scalar (output 0)" if config["readout"] == 0 else f"vector (K={r['K']})"
         print(
             f"| {readout} | {config['order']} | {r['P']:,} | {r['capture_s']:.1f} | {r['rank_s']:.2f} | "
-            f"{r['rank_neuron_s']:.2f} | {r['rss_capture_mib']:.0f} | {r['rss_peak_mib']:.0f} | "
-            f"{r['dense_gib']:.0f} GiB |"
+            f"{r['rank_neuron_s']:.2f} | {r['net_neuron_s']:.2f} | {r['rss_capture_mib']:.0f} | "
+            f"{r['rss_peak_mib']:.0f} | {r['dense_gib']:.0f} GiB |"
         )
     print("\nPeak RSS is the process's ru_maxrss (Python, torch and the model included), one fresh process per row.")
 

@@ -284,7 +284,7 @@ def _cotangents(r: Tensor, calls: list[_Call]) -> list[dict[str, Tensor]]:
     flat = []
     for t, g in zip(taps, found):
         g = torch.zeros((k_out, *t.shape), dtype=t.dtype, device=t.device) if g is None else g
-        flat.append(g.movedim(0, 1).contiguous())
+        flat.append(g.movedim(0, 1))  # a view: whoever needs [n, K, ...] contiguous copies it then
     out, i = [], 0
     for call in calls:
         out.append({name: flat[i + j] for j, name in enumerate(call.taps)})

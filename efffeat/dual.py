@@ -245,6 +245,7 @@ class DualModel:
         if not params:
             raise UnsupportedModelError("the model has no parameters, so it has no features")
         self.model = model
+        self.n_heads = n_heads_of(model)  # attention heads per layer, for head groups (None: not one number)
         self.forward = forward
         self.swap = ParameterSwap(model, forward)
         self.requested_order = order
@@ -276,6 +277,7 @@ class DualModel:
             warnings.warn(f"efffeat: {self.precision_note}", PrecisionWarning, stacklevel=2)
         self._plan: tuple[list, list[str]] | None = None
         self._fingerprint = _fingerprint(self._user_model)
+        self._handles = _handles(self._user_model)
         self._probed: tuple[bool, ...] | None = None  # the modes under which the determinism probe passed
         self._warned: set[tuple[str, int | None]] = set()
         self._activations: tuple[float, int] | None = None  # (activation entries per example, K) for batch sizes
@@ -397,7 +399,9 @@ class DualModel:
 
         A non-finite readout is a `NonFiniteError`; the model's own errors are worded by `_on_batch`.
         """
-        out = {}
+        out: dict[str, Tensor] = {}
+        if not at:
+            return out
         # under the same backends as the capture (the MHA fast path, say, zeroes padded positions)
         with torch.no_grad(), autodiff_context(self.model, what="the readouts"):
             for point in at:
@@ -436,7 +440,7 @@ class DualModel:
         )
         for index, raw in enumerate(bar):
             if index:
-                self._check_model()
+                self._check_model(quick=True)
             with _on_batch(index, offset, raw):
                 batch = self._prepare(raw, offset)
                 n = batch_len(batch)
@@ -557,7 +561,7 @@ class DualModel:
         meta = {
             "nodes": nodes,
             "readout": self.readout.name,
-            "n_heads": n_heads_of(self.model),
+            "n_heads": self.n_heads,
             "readouts": [p for p in ("init", "trained") if p in z],
             "precision_note": self.precision_note,
             "init_kind": self.init_kind,
@@ -721,9 +725,17 @@ class DualModel:
         return math.sqrt(res2 / scale2)
 
     # ---- honesty: the model is what it was, deterministic, and left as it is -------------------------------
-    def _check_model(self) -> None:
+    def _check_model(self, quick: bool = False) -> None:
         """Refuse a model whose parameters or buffers changed since the `DualModel` was built, or whose layers
-        are now in a mode efffeat refuses (before anything runs on it)."""
+        are now in a mode efffeat refuses (before anything runs on it).
+
+        quick: between the batches of one call, compare only each tensor's object, storage and in-place version
+        counter (`_handles`, microseconds); the value checksums run when those moved and at every call's start
+        (a write through ``p.data`` does not move the version counter: it is seen at the next call).
+        """
+        if quick and _handles(self._user_model) == self._handles:
+            _check_modes(self.model)
+            return
         now = _fingerprint(self._user_model)
         if now != self._fingerprint:
             before = {entry[:2]: entry for entry in self._fingerprint}
@@ -735,6 +747,7 @@ class DualModel:
                 "so its features would mix two networks: build a new ef.DualModel(model, init) for the model as it "
                 "is now"
             )
+        self._handles = _handles(self._user_model)
         _check_modes(self.model)
 
     def _check_batch_behaviour(self, batch: Any) -> None:
@@ -1133,6 +1146,16 @@ def _mode_problem(m: nn.Module) -> str | None:
     if isinstance(m, nn.MultiheadAttention) and m.training and m.dropout > 0:
         return f"{kind}(dropout={m.dropout}) drops attention weights at random in training mode"
     return None
+
+
+def _handles(model: nn.Module) -> tuple:
+    """Every parameter's and buffer's object, storage address and in-place version: what an optimiser step,
+    ``load_state_dict`` or ``p.data = ...`` moves, at no cost."""
+    tensors = [t for _, t in model.named_parameters()] + [t for _, t in model.named_buffers()]
+    try:
+        return tuple((id(t), t.data_ptr(), t._version) for t in tensors)
+    except RuntimeError:  # inference-mode tensors keep no version counter: always the full check
+        return (object(),)
 
 
 def _fingerprint(model: nn.Module) -> tuple:

@@ -355,9 +355,16 @@ class LowRankFactor(Factor):
         return self.selected_terms(sel).sum(2)
 
     def selected_terms(self, sel: Selection) -> Tensor:
+        """``Σ_ij u_i B_ij(g) v_j`` per term: through the products ``u_i v_j [.., I·J]`` when there are no more
+        rows than weight columns G, else through ``u B [.., J, G]`` (the smaller intermediate)."""
         rows, cols, block = sel.block  # [I, J(, G)]
-        ub = (self.u[..., rows] @ block.to(self.u.dtype).reshape(len(rows), -1)).unflatten(-1, block.shape[1:])
-        v = self.v[..., cols]
+        block = block.to(self.u.dtype)
+        u, v = self.u.index_select(-1, rows), self.v.index_select(-1, cols)  # [n, Ku, R, I], [n, Kv, R, J]
+        g = block.shape[2] if block.ndim == 3 else 1
+        if len(rows) <= g:
+            out = (u[..., :, None] * v[..., None, :]).flatten(-2) @ block.reshape(-1, g)  # [n, K, R, G]
+            return out if block.ndim == 3 else out[..., 0]
+        ub = (u @ block.reshape(len(rows), -1)).unflatten(-1, block.shape[1:])
         return (ub * (v if block.ndim == 2 else v[..., None])).sum(dim=3)
 
     def sq_sum(self, weights: Tensor | None = None) -> Tensor:

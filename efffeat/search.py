@@ -51,7 +51,7 @@ from .dual import DualModel
 from .errors import ConfigError, DataError, FeatureIdError, SaveFileError
 from .factors import Selection
 from .features import ORDERS, EffectiveFeatures
-from .groups import group_positions, n_heads_of
+from .groups import group_positions
 from .ids import FeatureIds, ParamSlot
 from .spectra import Eigenfeature, Spectrum
 
@@ -63,6 +63,8 @@ _NORM_CHUNK_ELEMENTS = 1 << 22
 # entries (rows × columns × functionals) and at most twice, plus the slack, the entries of their own blocks.
 _MERGED_ELEMENTS = 1 << 14
 _MERGE_SLACK = 1 << 12
+# Feature values of a search's batches (entries of [features, pairs]) held before they are merged into the top k.
+_PENDING_ELEMENTS = 1 << 22
 FeatureSpec = str | Eigenfeature | tuple | Callable[[EffectiveFeatures], Tensor]
 
 
@@ -79,7 +81,7 @@ class _Space:
     def of(source: DualModel | EffectiveFeatures) -> _Space:
         if isinstance(source, EffectiveFeatures):
             return _Space(source.ids, source.flat_delta(), source.dtype, source.meta.get("n_heads"))
-        return _Space(source.ids, source.flat_delta(), source.dtype, n_heads_of(source.model))
+        return _Space(source.ids, source.flat_delta(), source.dtype, source.n_heads)
 
 
 # ---- linear functionals of the features ----------------------------------------------------------------
@@ -122,8 +124,13 @@ class _GroupNorm:
 
 def _by_tensor(space: _Space, positions: Tensor) -> list[tuple[ParamSlot, Tensor]]:
     """The parameter tensors flat feature positions ``[m]`` fall in, each with the mask ``[m]`` of its own."""
-    inside = [(s, (positions >= s.offset) & (positions < s.offset + s.numel)) for s in space.ids.slots]
-    return [(s, mask) for s, mask in inside if bool(mask.any())]
+    slots = space.ids.slots
+    starts = torch.tensor([s.offset for s in slots], dtype=positions.dtype)
+    which = torch.searchsorted(starts, positions, right=True) - 1  # [m] slot of each position
+    used = torch.unique(which).tolist()
+    if len(used) == 1:
+        return [(slots[used[0]], torch.ones_like(positions, dtype=torch.bool))]
+    return [(slots[i], which == i) for i in used]
 
 
 def _parts(space: _Space, positions: Tensor) -> dict[str, Tensor]:
@@ -259,22 +266,18 @@ def max_activating(
     labels = _unique_labels([label for label, _ in resolved])
     if known is not None and scalar_readout and k > known:
         raise DataError(f"k={k} is larger than the data ({known} examples); pass k ≤ {known}")
-    best_values: Tensor | None = None
-    best_pairs: Tensor | None = None
     zeros = torch.zeros(len(labels), dtype=torch.long)
     offset, n_outputs, scalar = 0, 1, True
     evaluate = _Evaluator(labels, [fn for _, fn in resolved])
+    kept = _Kept(len(labels), k, largest, skip_zeros)
     for feats in stream:
         n = feats.n_examples
         n_outputs, scalar = feats.n_outputs, feats.scalar
         values = evaluate(feats).reshape(len(labels), n * n_outputs)  # pairs example-major: (x, k) at x·K + k
         zeros += (values == 0).sum(dim=1).cpu()
-        pairs = torch.arange(offset * n_outputs, (offset + n) * n_outputs).expand(len(labels), -1)
-        if best_values is not None and best_pairs is not None:
-            values = torch.cat([best_values, values], dim=1)
-            pairs = torch.cat([best_pairs, pairs], dim=1)
-        best_values, best_pairs = _best(values, pairs, k, largest, skip_zeros)
+        kept.add(values, torch.arange(offset * n_outputs, (offset + n) * n_outputs))
         offset += n
+    best_values, best_pairs = kept.best()
     if best_values is None or best_pairs is None:
         raise DataError("data is empty; pass at least one example")
     if best_values.shape[1] < k:
@@ -297,6 +300,42 @@ def max_activating(
     return TopK(labels, entries, meta, _originals={id(s): lab for s, lab in zip(specs, labels)})
 
 
+class _Kept:
+    """The k best (value, pair) of each of m features over a stream of batches: the batches' values wait until
+    they hold `_PENDING_ELEMENTS` entries and are then merged with the best so far in one `_best` (fewer, larger
+    operations than a merge per batch; the same stable result)."""
+
+    def __init__(self, m: int, k: int, largest: bool, skip_zeros: bool):
+        self.k, self.largest, self.skip_zeros = k, largest, skip_zeros
+        self.room = max(4 * k, _PENDING_ELEMENTS // max(1, m))  # pending columns before a merge
+        self.values: list[Tensor] = []  # [m, n_i]
+        self.pairs: list[Tensor] = []  # [n_i]
+        self.waiting = 0
+        self.kept: tuple[Tensor, Tensor] | None = None  # [m, ≤ k] values and pairs
+
+    def add(self, values: Tensor, pairs: Tensor) -> None:
+        """One batch's ``values [m, n]`` at example-major ``pairs [n]``."""
+        self.values.append(values)
+        self.pairs.append(pairs)
+        self.waiting += values.shape[1]
+        if self.waiting >= self.room:
+            self._merge()
+
+    def best(self) -> tuple[Tensor | None, Tensor | None]:
+        self._merge()
+        return (None, None) if self.kept is None else self.kept
+
+    def _merge(self) -> None:
+        if not self.values:
+            return
+        m = self.values[0].shape[0]
+        values, pairs = torch.cat(self.values, dim=1), torch.cat(self.pairs).expand(m, -1)
+        if self.kept is not None:
+            values, pairs = torch.cat([self.kept[0], values], dim=1), torch.cat([self.kept[1], pairs], dim=1)
+        self.kept = _best(values, pairs, self.k, self.largest, self.skip_zeros)
+        self.values, self.pairs, self.waiting = [], [], 0
+
+
 def _best(values: Tensor, pairs: Tensor, k: int, largest: bool, skip_zeros: bool) -> tuple[Tensor, Tensor]:
     """The k best of ``values [m, n]`` per row (stable: ties keep the earlier pair); with `skip_zeros`, exact
     zeros rank after every non-zero value (they are dropped later if any non-zero value is kept)."""
@@ -308,21 +347,19 @@ def _best(values: Tensor, pairs: Tensor, k: int, largest: bool, skip_zeros: bool
 
 
 def _stable_top(key: Tensor, k: int, largest: bool) -> Tensor:
-    """``[m, k]`` positions of the k best of every row of ``key [m, n]``, ties in position order: the stable sort
-    of the candidates at least as good as the row's k-th value (found by `torch.topk`), in their row order."""
+    """``[m, k]`` positions of the k best of every row of ``key [m, n]``, ties in position order: the values
+    better than the row's k-th (found by `torch.topk`) and the first of those equal to it, k in all, stably
+    sorted."""
     m, n = key.shape
     if n <= 4 * k or bool(key.isnan().any()):
         return torch.sort(key, dim=1, descending=largest, stable=True).indices[:, :k]
     kth = key.topk(k, dim=1, largest=largest).values[:, -1:]
-    candidate = key >= kth if largest else key <= kth
-    slot = candidate.cumsum(1) - 1  # each candidate's place among its row's, in position order
-    rows, cols = candidate.nonzero(as_tuple=True)
-    width = int(slot[:, -1].max()) + 1
-    padded = torch.full((m, width), -math.inf if largest else math.inf, dtype=key.dtype, device=key.device)
-    at = torch.full((m, width), n, dtype=torch.long, device=key.device)
-    where = slot[rows, cols]
-    padded[rows, where], at[rows, where] = key[rows, cols], cols
-    return at.gather(1, torch.sort(padded, dim=1, descending=largest, stable=True).indices[:, :k])
+    better = key > kth if largest else key < kth
+    tie = key == kth
+    room = k - better.sum(dim=1, keepdim=True)  # places left for values equal to the k-th
+    chosen = better | (tie & (tie.cumsum(dim=1) <= room))  # exactly k a row
+    at = chosen.nonzero(as_tuple=True)[1].reshape(m, k)  # in position order
+    return at.gather(1, torch.sort(key.gather(1, at), dim=1, descending=largest, stable=True).indices)
 
 
 def _entry(values: Tensor, pairs: Tensor, n_zero: int, n_outputs: int, scalar: bool, skip_zeros: bool) -> TopKEntry:
@@ -390,29 +427,21 @@ class _Evaluator:
 
     def __init__(self, labels: list[str], fns: list[Callable[[EffectiveFeatures], Tensor]]):
         self.labels, self.fns = labels, fns
-        self.linear = [i for i, fn in enumerate(fns) if isinstance(fn, _Functional)]
+        self.others = [i for i, fn in enumerate(fns) if not isinstance(fn, _Functional)]
         by_tensor: dict[str, list[tuple[int, Selection]]] = {}
-        for j, i in enumerate(self.linear):
-            fn = fns[i]
-            assert isinstance(fn, _Functional)
-            for name, sel in fn.parts.items():
-                by_tensor.setdefault(name, []).append((j, sel))
+        for i, fn in enumerate(fns):
+            if isinstance(fn, _Functional):
+                for name, sel in fn.parts.items():
+                    by_tensor.setdefault(name, []).append((i, sel))
         self.chunks = [(name, *_merged(chunk)) for name, items in by_tensor.items() for chunk in _chunked(items)]
 
     def __call__(self, feats: EffectiveFeatures) -> Tensor:
-        out: list[Tensor | None] = [None] * len(self.fns)
-        if self.linear:
-            values = torch.zeros(
-                feats.n_examples, feats.n_outputs, len(self.linear), dtype=feats.dtype, device=feats.device
-            )
-            for name, sel, columns in self.chunks:
-                values[..., columns] += feats.factors[name].selected(sel)
-            for j, i in enumerate(self.linear):
-                out[i] = values[..., j]
-        for i, (label, fn) in enumerate(zip(self.labels, self.fns)):
-            if out[i] is None:
-                out[i] = _values(fn, feats, label)
-        return torch.stack(out)  # type: ignore[arg-type]
+        out = torch.zeros(len(self.fns), feats.n_examples, feats.n_outputs, dtype=feats.dtype, device=feats.device)
+        for name, sel, members in self.chunks:
+            out.index_add_(0, members.to(out.device), feats.factors[name].selected(sel).movedim(-1, 0))
+        for i in self.others:
+            out[i] = _values(self.fns[i], feats, self.labels[i])
+        return out
 
 
 def _touched(sel: Selection) -> tuple[set[int], set[int]]:
@@ -448,7 +477,7 @@ def _chunked(items: list[tuple[int, Selection]]) -> list[list[tuple[int, Selecti
 
 
 def _merged(chunk: list[tuple[int, Selection]]) -> tuple[Selection, Tensor]:
-    """One selection with a weight column per member ``w [m, G]``, and the members' functional indices ``[G]``."""
+    """One selection with a weight column per member ``w [m, G]``, and the members' places in the list ``[G]``."""
     flat = torch.cat([s.flat for _, s in chunk])
     w = torch.zeros(len(flat), len(chunk), dtype=chunk[0][1].w.dtype)
     start = 0

@@ -201,6 +201,29 @@ def test_any_change_of_the_parameters_is_caught(edit):
         dual.features(torch.randn(3, 3))
 
 
+def test_a_change_between_the_batches_of_one_call_is_caught_at_the_next_batch_or_call():
+    torch.manual_seed(0)
+    model = mlp(3, (4,), 2)
+    dual = ef.DualModel(model, perturbed(model, 0.1), order="init", progress=False)
+    x = torch.randn(12, 3)
+
+    def batches(edit):
+        for i, xb in enumerate(x.split(4)):
+            if i == 1:
+                with torch.no_grad():
+                    edit()
+            yield xb
+
+    # an in-place step moves the version counter: refused before the second batch is computed
+    with pytest.raises(ef.ConfigError, match=r"model changed since this DualModel was built \(parameter 0.weight"):
+        list(dual.iter_features(batches(lambda: model[0].weight.add_(1e-3))))
+    dual = ef.DualModel(model, perturbed(model, 0.1), order="init", progress=False)
+    # a write through .data does not: the call runs on, and the next call refuses the model
+    list(dual.iter_features(batches(lambda: model[0].weight.data.add_(1e-3))))
+    with pytest.raises(ef.ConfigError, match="build a new ef.DualModel"):
+        dual.features(x)
+
+
 def test_the_dual_model_does_not_share_storage_with_the_user_parameters():
     torch.manual_seed(0)
     model = mlp(3, (4,), 2)

@@ -489,9 +489,9 @@ class DualModel:
         points computed), ``"precision_note"`` (None at float32 and above), ``"readout"``, ``"n_heads"``.
         """
         parts = list(self.iter_features(data, batch_size, order, need=need))
+        value = _joint_completeness(parts) if len(parts) > 1 and need == "all" else None
         feats = EffectiveFeatures.concat(parts, consume=True)
-        if len(parts) > 1 and need == "all":
-            value = feats.completeness()
+        if value is not None:
             feats.meta.update(completeness=value, completeness_examples=feats.n_examples)
             self._warn_completeness(feats.order, feats.meta["nodes"], value, feats.n_examples)
         return feats
@@ -1171,6 +1171,24 @@ def _fingerprint(model: nn.Module) -> tuple:
                     sums.append(torch.linalg.vector_norm(x, dtype=torch.float64))
                 out.append((kind, name, id(t), tuple(t.shape), str(t.dtype), tuple(float(s).hex() for s in sums)))
     return tuple(out)
+
+
+def _joint_completeness(parts: list[EffectiveFeatures]) -> float:
+    """The completeness residual of batches' features taken together, ``(Σ_b ‖res_b‖² / Σ_b ‖Δz_b‖²)^½``; the
+    first batch's residual is read back from its own completeness (`iter_features` measured it on all its
+    examples), not computed again."""
+    res2 = scale2 = 0.0
+    for i, part in enumerate(parts):
+        dz2 = float(part.delta_z().double().square().sum())
+        first = part.meta["completeness"] if i == 0 and part.meta["completeness_examples"] == part.n_examples else None
+        if first is not None and math.isfinite(first):
+            res2 += first**2 * dz2
+        else:
+            res2 += float(part.residual().double().square().sum())
+        scale2 += dz2
+    if scale2 == 0:
+        return 0.0 if res2 == 0 else math.inf
+    return math.sqrt(res2 / scale2)
 
 
 def _check_finite(params: Mapping[str, Tensor], what: str, fix: str) -> None:

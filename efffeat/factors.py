@@ -255,8 +255,12 @@ def _nonzero_terms(*tensors: Tensor) -> Tensor:
     for t in tensors:
         found = t[:1].flatten(3).any(dim=3).any(dim=1)[0]
         doubtful = torch.nonzero(~found).reshape(-1)
-        if len(doubtful):
-            found[doubtful] = t[:, :, doubtful].flatten(3).any(dim=3).any(dim=1).any(dim=0)
+        start, step = 1, 8
+        while len(doubtful) and start < t.shape[0]:  # growing blocks of examples, until each doubtful term is seen
+            hit = t[start : start + step, :, doubtful].flatten(3).any(dim=3).any(dim=1).any(dim=0)
+            found[doubtful[hit]] = True
+            doubtful = doubtful[~hit]
+            start, step = start + step, 4 * step
         keep &= found
     return keep
 
@@ -479,8 +483,15 @@ class LowRankFactor(Factor):
             return LowRankFactor(u, v + 0.5 * v_dot)
         if v_dot is None:
             return LowRankFactor(u + 0.5 * u_dot, v)
-        # (u + ½u̇) ⊗ v + u ⊗ ½v̇: the rank-2 NLO factor of a dense layer
-        return LowRankFactor.cat_rank([LowRankFactor(u + 0.5 * u_dot, v), LowRankFactor(u, 0.5 * v_dot)])
+        # (u + ½u̇) ⊗ v + u ⊗ ½v̇: the rank-2 NLO factor of a dense layer, written in place into its rank terms
+        r = u.shape[2]
+        uu = u.new_empty(u.shape[0], u.shape[1], 2 * r, u.shape[3])
+        vv = v.new_empty(v.shape[0], v.shape[1], 2 * r, v.shape[3])
+        torch.add(u, u_dot, alpha=0.5, out=uu[:, :, :r])
+        uu[:, :, r:] = u
+        vv[:, :, :r] = v
+        torch.mul(v_dot, 0.5, out=vv[:, :, r:])
+        return LowRankFactor(uu, vv)
 
     @staticmethod
     def cat_rank(factors: list[LowRankFactor]) -> LowRankFactor:

@@ -122,26 +122,27 @@ class _GroupNorm:
         return sq.sqrt()
 
 
-def _by_tensor(space: _Space, positions: Tensor) -> list[tuple[ParamSlot, Tensor]]:
-    """The parameter tensors flat feature positions ``[m]`` fall in, each with the mask ``[m]`` of its own."""
+def _by_tensor(space: _Space, positions: Tensor) -> list[tuple[ParamSlot, Tensor | slice]]:
+    """The parameter tensors flat feature positions ``[m]`` fall in, each with the index of its own (a mask
+    ``[m]``; ``slice(None)`` when every position falls in one tensor)."""
     slots = space.ids.slots
     starts = torch.tensor([s.offset for s in slots], dtype=positions.dtype)
     which = torch.searchsorted(starts, positions, right=True) - 1  # [m] slot of each position
     used = torch.unique(which).tolist()
     if len(used) == 1:
-        return [(slots[used[0]], torch.ones_like(positions, dtype=torch.bool))]
+        return [(slots[used[0]], slice(None))]
     return [(slots[i], which == i) for i in used]
 
 
 def _parts(space: _Space, positions: Tensor) -> dict[str, Tensor]:
     """``{named_parameters name: local flat positions}`` of flat feature positions ``[m]``."""
-    return {s.name: positions[mask] - s.offset for s, mask in _by_tensor(space, positions)}
+    return {s.name: positions[at] - s.offset for s, at in _by_tensor(space, positions)}
 
 
 def _functional(space: _Space, positions: Tensor, weights: Tensor) -> _Functional:
     """Group flat feature positions ``[m]`` and weights ``[m]`` by parameter tensor."""
     return _Functional(
-        {s.name: Selection(s.shape, positions[m] - s.offset, weights[m]) for s, m in _by_tensor(space, positions)}
+        {s.name: Selection(s.shape, positions[at] - s.offset, weights[at]) for s, at in _by_tensor(space, positions)}
     )
 
 

@@ -76,33 +76,13 @@ def mlp_case(n: int, width: int, repeat: int) -> list[dict]:
 
 
 def bridge_case(n: int, repeat: int) -> list[dict]:
-    from transformer_lens import TransformerBridge, TransformerBridgeConfig
+    from benchmarks.peers import bridge_model, correct_logit
 
-    p = 113
-    cfg = TransformerBridgeConfig(
-        d_model=128,
-        d_head=32,
-        n_layers=1,
-        n_ctx=3,
-        n_heads=4,
-        d_vocab=p + 1,
-        d_mlp=512,
-        act_fn="relu",
-        normalization_type=None,
-        seed=0,
-    )
-    model = TransformerBridge.boot_native(cfg)
-    init = {k: v.clone() for k, v in model.state_dict().items()}
-    with torch.no_grad():
-        for q in model.parameters():
-            q.add_(0.01 * torch.randn_like(q))
+    model, init, p = bridge_model()
     g = torch.Generator().manual_seed(0)
     a, b = torch.randint(0, p, (n,), generator=g), torch.randint(0, p, (n,), generator=g)
     x = torch.stack([a, b, torch.full_like(a, p)], dim=1)
     y = (a + b) % p
-
-    def correct_logit(out, batch):
-        return out[:, -1].gather(1, batch[1][:, None])[:, 0]
 
     def autograd_loop():
         params = list(model.parameters())

@@ -49,9 +49,12 @@ def dense_values(feats, positions, weights) -> torch.Tensor:
     return feats.dense()[:, :, positions] @ weights
 
 
+@pytest.mark.parametrize("pending", [1, 200, None])  # values held before a merge: every batch, a few, all at the end
 @pytest.mark.parametrize("largest", [True, False])
 @pytest.mark.parametrize("by", ["value", "contribution"])
-def test_streaming_top_k_equals_brute_force(setup, by, largest):
+def test_streaming_top_k_equals_brute_force(setup, by, largest, pending, monkeypatch):
+    if pending is not None:
+        monkeypatch.setattr(ef.search, "_PENDING_ELEMENTS", pending)
     dual, x, feats = setup
     eig = eigenfeatures(feats, k=3)
     ids, delta = feats.ids, feats.flat_delta()

@@ -133,6 +133,7 @@ class BatchCapture:
     factors: dict[str, Factor]  # named_parameters() name -> factor [n, K, ...]
     readout: Tensor  # [n, K] readout values at the evaluation point
     non_batched: set[str]  # parameters whose layer output had no per-example leading axis
+    declined: set[str] = field(default_factory=set)  # parameters of modules whose rule declined the inputs
 
 
 @dataclass
@@ -188,6 +189,7 @@ def capture_batch(
     n = batch_len(batch)
     calls: list[_Call] = []
     non_batched: set[str] = set()
+    declined: set[str] = set()
 
     def per_example(t: Any) -> Tensor | None:
         """`t` with a leading axis of n (a batch-1 tensor expanded), or None if it has none."""
@@ -230,6 +232,8 @@ def capture_batch(
             output, record = layer.rule.forward(layer.module, args, kwargs, tap)
             if taps:
                 calls.append(_Call(layer, record, taps))
+            else:
+                declined.update(layer.params.values())
             return output
 
         return forward
@@ -269,7 +273,7 @@ def capture_batch(
             "length equalled the batch size?); put the examples first, or pass batches of one size"
         )
     factors = {name: sum_factors(parts) for name, parts in acc.items() if name not in non_batched}
-    return BatchCapture(factors, r_primal, non_batched)
+    return BatchCapture(factors, r_primal, non_batched, declined)
 
 
 def _cotangents(r: Tensor, calls: list[_Call]) -> list[dict[str, Tensor]]:

@@ -234,26 +234,86 @@ def test_group_head_on_multihead_attention():
     assert f"{attn}.out_proj.weight[0,5]" in chosen and f"{attn}.out_proj.weight[5,0]" not in chosen
 
 
-# ---- recurrent layers: the per-example loop ---------------------------------------------------------------------
+# ---- recurrent layers: step by step, factored; packed sequences through the per-example loop ----------------------
 class Recurrent(nn.Module):
-    def __init__(self, kind: str):
+    """A recurrent layer read at the last step (sequence-first layers are fed [T, N, ·]); `state` passes h0 (and c0)."""
+
+    def __init__(self, kind: str, state: bool = False, **options):
         super().__init__()
-        self.rnn = getattr(nn, kind)(3, 5, batch_first=True)
-        self.out = nn.Linear(5, 2)
+        self.rnn = getattr(nn, kind)(3, 5, **options)
+        self.out = nn.Linear(5 * (2 if options.get("bidirectional") else 1), 2)
+        self.batch_first, self.state = options.get("batch_first", False), state
 
     def forward(self, x):
-        return self.out(self.rnn(x)[0][:, -1])
+        seq = x if self.batch_first else x.transpose(0, 1)
+        if self.state:  # an initial state that depends on the example
+            rnn = self.rnn
+            h0 = (
+                torch.tanh(x[:, 0, :1])
+                .expand(-1, rnn.hidden_size)[None]
+                .repeat(rnn.num_layers * (1 + rnn.bidirectional), 1, 1)
+            )
+            y = rnn(seq, (h0, 2 * h0) if isinstance(rnn, nn.LSTM) else h0)[0]
+        else:
+            y = self.rnn(seq)[0]
+        y = y if self.batch_first else y.transpose(0, 1)
+        return self.out(y[:, -1])
+
+
+RECURRENT = [
+    dict(batch_first=True),
+    dict(num_layers=2, bidirectional=True),
+    dict(batch_first=True, bias=False, num_layers=2),
+]
+
+
+@pytest.mark.parametrize("options", RECURRENT, ids=["batch-first", "2-layer-bidirectional", "no-bias"])
+@pytest.mark.parametrize("kind", ["GRU", "LSTM", "RNN"])
+@pytest.mark.parametrize("order", ORDERS)
+def test_recurrent_layers_are_factored_step_by_step(kind, options, order):
+    torch.manual_seed(4)
+    dual, _, fell_back = check(Recurrent(kind, **options), torch.randn(4, 6, 3), order)
+    assert dual.fallback_params == [] and fell_back == []
+    support = ef.DualModel.supported(dual.model)
+    assert [n for n in support.factored if n.startswith("rnn.")] == [
+        n for n, _ in dual.model.rnn.named_parameters(prefix="rnn")
+    ]
+    assert all("via RecurrentRule" in how for n, how in support.factored.items() if n.startswith("rnn."))
 
 
 @pytest.mark.parametrize("kind", ["GRU", "LSTM", "RNN"])
+def test_recurrent_layers_with_an_initial_state_and_relu(kind):
+    torch.manual_seed(8)
+    check(Recurrent(kind, state=True, batch_first=True, bidirectional=True), torch.randn(4, 6, 3), "nlo")
+    if kind == "RNN":
+        check(Recurrent(kind, nonlinearity="relu", batch_first=True), torch.randn(4, 6, 3), "nlo")
+
+
+class Packed(nn.Module):
+    """A GRU over packed sequences of different lengths: its rule declines them, the per-example loop runs it."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(3, 5, batch_first=True)
+        self.out = nn.Linear(5, 2)
+
+    def forward(self, x):
+        lengths = (x.abs().sum(-1) != 0).sum(1).cpu()
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        return self.out(self.rnn(packed)[1][0])
+
+
 @pytest.mark.parametrize("order", ORDERS)
-def test_recurrent_layers_through_the_per_example_loop(kind, order):
+def test_packed_sequences_go_through_the_per_example_loop(order):
     torch.manual_seed(4)
-    dual, _, fell_back = check(Recurrent(kind), torch.randn(4, 6, 3), order)
+    x = torch.randn(4, 6, 3)
+    x[1, 4:] = 0
+    x[3, 2:] = 0
+    dual, _, fell_back = check(Packed(), x, order)
     assert dual.fallback_params == ["rnn.weight_ih_l0", "rnn.weight_hh_l0", "rnn.bias_ih_l0", "rnn.bias_hh_l0"]
     assert len(fell_back) == 1
-    assert f"rnn ({kind}): weight_ih_l0" in fell_back[0] and "one example at a time" in fell_back[0]
-    assert "vmap cannot run the model" in fell_back[0] and "ms per example" in fell_back[0]
+    assert "rnn (GRU): weight_ih_l0" in fell_back[0] and "its rule does not take these inputs" in fell_back[0]
+    assert "one example at a time" in fell_back[0] and "ms per example" in fell_back[0]
 
 
 def test_float32_lstm_nlo_and_completeness_need_no_forward_mode_kernel():

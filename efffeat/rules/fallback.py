@@ -5,9 +5,9 @@ route    how                                                         when
 =======  ==========================================================  ==============================================
 vmap     ``vmap(jacrev)`` over chunks of examples; ``"nlo"`` adds ½   first choice; the chunk size comes from the
          ``d/dε J(θ + εΔθ)`` by one ``jvp`` (forward-over-reverse)    memory budget (`efffeat._memory`)
-loop     one example at a time by plain autograd; ``"nlo"`` adds     when vmap cannot run the model (``nn.GRU``,
-         ½ ψΔθ = ½ ∇⟨∇z, Δθ⟩ by double backward                      ``nn.RNN``, ``nn.LSTM``, data-dependent control
-                                                                     flow, ops without a batching rule)
+loop     one example at a time by plain autograd; ``"nlo"`` adds     when vmap cannot run the model (a recurrent
+         ½ ψΔθ = ½ ∇⟨∇z, Δθ⟩ by double backward                      layer over packed sequences, data-dependent
+                                                                     control flow, ops without a batching rule)
 =======  ==========================================================  ==============================================
 
 Both give the same numbers (the loop is the definition); the loop needs no forward-mode derivative. Each route

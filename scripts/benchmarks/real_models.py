@@ -8,7 +8,7 @@ forward and backward pass over the same batches, and the kernel against `torch.f
    then ``J Jᵀ`` at the same θ0.
 2. ``nn.TransformerEncoder`` (batch_first, d_model 64, 4 heads, 2 layers, T=16, key padding mask), N=512, every
    order.
-3. ``nn.GRU`` (8→32, T=20), N=256: the exact per-example loop (vmap cannot run it).
+3. ``nn.GRU`` (8→32, T=20), N=256, every order: factored step by step.
 4. The capture of a 64-512-512-512-1 tanh MLP at N=512.
 5. A MiniLM-L6-shaped BERT (22.6M parameters), N=256 sequences of 16 tokens: one ``ef.rank`` of every parameter
    against the lean capture it ranks (``dual.features(tokens, need="features")``).
@@ -199,7 +199,7 @@ def gru(repeat: int, n: int = 256) -> list[dict]:
     case = f"nn.GRU 8→32 T=20, N={n}"
     plain_s, _ = _timed(_plain(model, [x], lambda out: out), repeat)
     rows = [{"case": case, "what": "plain forward+backward", "route": "-", "s": plain_s, "ratio": 1.0}]
-    return rows + _feature_rows(case, model, init, x, "output", plain_s, ("init", "nlo"), 1)
+    return rows + _feature_rows(case, model, init, x, "output", plain_s, ("init", "nlo", "trained", "path"), repeat)
 
 
 def mlp_capture(repeat: int, n: int = 512) -> list[dict]:

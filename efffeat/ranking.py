@@ -230,9 +230,8 @@ def rank(
     }
     group_name = group if isinstance(group, str) else "custom"
     if labels is None:
-        return FeatureTable(
-            _Labels(features.ids, order), values, group_name, by, torch.ones(len(order), dtype=torch.long), meta
-        )
+        ones = torch.ones(1, dtype=torch.long).expand(len(order))  # one feature a row: a view, not P integers
+        return FeatureTable(_Labels(features.ids, order), values, group_name, by, ones, meta)
     return FeatureTable([labels[i] for i in order.tolist()], values, group_name, by, sizes[order], meta)
 
 
@@ -276,16 +275,16 @@ def _sort_descending(key: Tensor, top: int | None = None) -> tuple[Tensor, Tenso
     if top is not None and top < len(packed):
         packed = np.partition(packed, top - 1)[:top]
     packed.sort()
+    m = len(packed)
+    rest = np.empty(0, dtype=np.int64) if zeros is None else zeros[: len(zeros) if top is None else max(0, top - m)]
+    order, values = np.empty(m + len(rest), dtype=np.int64), np.zeros(m + len(rest), dtype=np.float32)
     sorted_int = (2**31 - 1) - (packed >> bits)
     if low < 0:
         np.bitwise_xor(sorted_int, 0x7FFFFFFF, out=sorted_int, where=sorted_int < 0)
-    values = torch.from_numpy(sorted_int.astype(np.int32).view(np.float32))
-    order = torch.from_numpy(packed & ((1 << bits) - 1))
-    if zeros is not None:
-        rest = zeros if top is None else zeros[: max(0, top - len(order))]
-        order = torch.cat([order, torch.from_numpy(rest)])
-        values = torch.cat([values, torch.zeros(len(rest), dtype=values.dtype)])
-    return order, values
+    values[:m] = sorted_int.astype(np.int32).view(np.float32)  # the zeros after them stay 0
+    np.bitwise_and(packed, (1 << bits) - 1, out=order[:m])
+    order[m:] = rest
+    return torch.from_numpy(order), torch.from_numpy(values)
 
 
 def per_example_norms(

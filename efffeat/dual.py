@@ -639,7 +639,9 @@ class DualModel:
             elif name in cap.non_batched:
                 reasons[name] = "the layer's output has no per-example leading axis"
             elif name in cap.declined:
-                reasons[name] = "its rule does not take these inputs (a packed sequence or an unbatched input)"
+                reasons[name] = (
+                    "its rule does not take this call (packed or unbatched inputs, an LSTM with projections)"
+                )
             else:
                 reasons[name] = "the module is not called as a module (its parent uses the parameter itself)"
         if self.fail_mode == "error" and reasons:

@@ -312,8 +312,16 @@ def test_packed_sequences_go_through_the_per_example_loop(order):
     dual, _, fell_back = check(Packed(), x, order)
     assert dual.fallback_params == ["rnn.weight_ih_l0", "rnn.weight_hh_l0", "rnn.bias_ih_l0", "rnn.bias_hh_l0"]
     assert len(fell_back) == 1
-    assert "rnn (GRU): weight_ih_l0" in fell_back[0] and "its rule does not take these inputs" in fell_back[0]
+    assert "rnn (GRU): weight_ih_l0" in fell_back[0] and "its rule does not take this call" in fell_back[0]
     assert "one example at a time" in fell_back[0] and "ms per example" in fell_back[0]
+
+
+def test_an_lstm_with_projections_goes_to_the_per_example_loop():
+    torch.manual_seed(9)
+    model = Recurrent("LSTM", batch_first=True, proj_size=2)
+    model.out = nn.Linear(2, 2)
+    dual, _, fell_back = check(model, torch.randn(4, 6, 3), "nlo")
+    assert "rnn.weight_hr_l0" in dual.fallback_params and "its rule does not take this call" in fell_back[0]
 
 
 def test_float32_lstm_nlo_and_completeness_need_no_forward_mode_kernel():

@@ -105,7 +105,7 @@ def recurrent_forward(
 class RecurrentRule(Rule):
     def claims(self, module: nn.Module) -> dict[str, Tensor]:
         assert isinstance(module, nn.RNNBase)
-        if module.proj_size > 0 or (module.training and module.dropout > 0 and module.num_layers > 1):
+        if module.training and module.dropout > 0 and module.num_layers > 1:
             return {}
         return {name: getattr(module, name) for name in module._flat_weights_names}
 
@@ -114,7 +114,7 @@ class RecurrentRule(Rule):
     ) -> tuple[Any, Any]:
         bound = inspect.signature(type(module).forward).bind(module, *args, **kwargs)
         x, hx = bound.arguments["input"], bound.arguments.get("hx")
-        if not isinstance(x, Tensor) or x.dim() != 3:  # packed or unbatched: decline (the fallback computes it)
+        if not isinstance(x, Tensor) or x.dim() != 3 or module.proj_size > 0:  # decline: the fallback computes it
             return type(module).forward(module, *args, **kwargs), None
         return recurrent_forward(module, tap, x, hx)
 

@@ -724,9 +724,7 @@ class DualModel:
                 dz = z["trained"] - z["init"]
                 res2 += float((self._directional(batch, self.delta, used, nodes).detach() - dz).square().sum())
                 scale2 += float(dz.square().sum())
-        if scale2 == 0:
-            return 0.0 if res2 == 0 else math.inf
-        return math.sqrt(res2 / scale2)
+        return _relative_residual(res2, scale2)
 
     # ---- honesty: the model is what it was, deterministic, and left as it is -------------------------------
     def _check_model(self, quick: bool = False) -> None:
@@ -1190,6 +1188,11 @@ def _joint_completeness(parts: list[EffectiveFeatures]) -> float:
         else:
             res2 += float(part.residual().double().square().sum())
         scale2 += dz2
+    return _relative_residual(res2, scale2)
+
+
+def _relative_residual(res2: float, scale2: float) -> float:
+    """``(Σ res² / Σ Δz²)^½``; 0 for an exact dual model of a network that did not move, inf when only Δz is 0."""
     if scale2 == 0:
         return 0.0 if res2 == 0 else math.inf
     return math.sqrt(res2 / scale2)

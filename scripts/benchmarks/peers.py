@@ -142,17 +142,9 @@ def roofline(job: str, feats: ef.EffectiveFeatures, t_total: float, capture_flop
     (t_kernel, _), (t_mm, _) = interleaved([feats.kernel, lambda: a @ b], repeat)
     matmul = 2 * n * n * width / t_mm / 1e9
     achieved = flops / t_kernel / 1e9
-    row(
-        job,
-        "roofline: kernel from the stored factors",
-        t_kernel,
-        None,
-        needed_gflop=flops / 1e9,
-        gflops=achieved,
-        matmul_gflops=matmul,
-        fraction=achieved / matmul,
-        fraction_with_capture=(flops + capture_flops) / t_total / 1e9 / matmul,
-    )
+    row(job, "roofline: kernel from the stored factors", t_kernel, None, needed_gflop=flops / 1e9,
+        gflops=achieved, matmul_gflops=matmul, fraction=achieved / matmul,
+        fraction_with_capture=(flops + capture_flops) / t_total / 1e9 / matmul)
 
 
 # ---- the peers' per-example gradients, into a preallocated J ---------------------------------------------------
@@ -220,7 +212,7 @@ def kernel_job(n: int, repeat: int, big: bool, nt: str | None) -> None:
     dual.features(x[:8])  # the plan, outside the timings
     job = f"kernel N={n}"
     p = sum(q.numel() for q in model.parameters())
-    ((t_ef, k_ef),) = interleaved([lambda: dual.features(x, batch_size=n).kernel()], repeat)
+    (t_ef, k_ef), = interleaved([lambda: dual.features(x, batch_size=n).kernel()], repeat)
     row(job, "efffeat features + kernel", t_ef, t_ef)
     roofline(job, dual.features(x, batch_size=n), t_ef, 4 * n * p, repeat)
     peers = [("Opacus GradSampleModule", opacus_rows), ("BackPACK BatchGrad", backpack_rows)]
@@ -241,7 +233,7 @@ def kernel_job(n: int, repeat: int, big: bool, nt: str | None) -> None:
             j = fill_j(per_chunk, x, p)
             return j @ j.T
 
-        ((t, k),) = interleaved([run], reps)
+        (t, k), = interleaved([run], reps)
         row(job, who, t, t_ef, rel_diff=rel(k, k_ef), repeats=reps)
         del k
     if nt is not None and n <= 512:
@@ -271,14 +263,8 @@ def nt_rows(job: str, python: str, model: nn.Module, x: torch.Tensor, k_ref, t_r
         out = np.load(dst)
         for name in ("structured_derivatives", "jacobian_contraction", "ntk_vector_products"):
             first, best = out[f"t_{name}"].tolist()
-            row(
-                job,
-                f"neural-tangents {name}",
-                best,
-                t_ref,
-                first_call_s=first,
-                rel_diff=rel(torch.from_numpy(out[name]), k_ref),
-            )
+            row(job, f"neural-tangents {name}", best, t_ref, first_call_s=first,
+                rel_diff=rel(torch.from_numpy(out[name]), k_ref))
 
 
 def rank_job(n: int, repeat: int) -> None:
@@ -364,16 +350,8 @@ def bridge_model():
 
     p = 113
     cfg = TransformerBridgeConfig(
-        d_model=128,
-        d_head=32,
-        n_layers=1,
-        n_ctx=3,
-        n_heads=4,
-        d_vocab=p + 1,
-        d_mlp=512,
-        act_fn="relu",
-        normalization_type=None,
-        seed=0,
+        d_model=128, d_head=32, n_layers=1, n_ctx=3, n_heads=4, d_vocab=p + 1, d_mlp=512, act_fn="relu",
+        normalization_type=None, seed=0,
     )
     model = TransformerBridge.boot_native(cfg)
     init = {k: v.clone() for k, v in model.state_dict().items()}
@@ -400,7 +378,7 @@ def bridge_job(n: int, repeat: int) -> None:
     dual = ef.DualModel(model, init, readout=correct_logit, order="trained", progress=False)
     dual.features((x[:8], y[:8]))
     job = f"bridge N={n}"
-    ((t_ef, k_ef),) = interleaved([lambda: dual.features((x, y), batch_size=256).kernel()], repeat)
+    (t_ef, k_ef), = interleaved([lambda: dual.features((x, y), batch_size=256).kernel()], repeat)
     row(job, "efffeat features + kernel", t_ef, t_ef)
     params = {k: v.detach() for k, v in model.named_parameters()}
     n_params = sum(v.numel() for v in params.values())
@@ -447,13 +425,10 @@ def bridge_job(n: int, repeat: int) -> None:
         return j @ j.T
 
     # Opacus last: it leaves hooks and train mode behind in the module tree it wraps
-    for who, fn in [
-        ("torch.func vmap(grad)", func_kernel),
-        ("per-example autograd loop", loop_kernel),
-        ("Opacus GradSampleModule", opacus_kernel),
-    ]:
+    for who, fn in [("torch.func vmap(grad)", func_kernel), ("per-example autograd loop", loop_kernel),
+                    ("Opacus GradSampleModule", opacus_kernel)]:
         try:
-            ((t, k),) = interleaved([fn], 1)
+            (t, k), = interleaved([fn], 1)
         except ImportError as e:
             missing(job, who, e)
             continue
@@ -466,13 +441,8 @@ def minilm(n: int) -> tuple[ef.DualModel, torch.Tensor]:
     from transformers import BertConfig, BertModel
 
     cfg = BertConfig(
-        vocab_size=30522,
-        hidden_size=384,
-        num_hidden_layers=6,
-        num_attention_heads=12,
-        intermediate_size=1536,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
+        vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
     )
     torch.manual_seed(0)
     model = BertModel(cfg, add_pooling_layer=False).eval()

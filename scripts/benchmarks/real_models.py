@@ -179,29 +179,12 @@ def transformer_encoder(repeat: int, n: int = 512) -> list[dict]:
     plain_s, _ = _timed(_plain(model, list(x.split(256)), lambda out: out), repeat)
     rows = [{"case": case, "what": "plain forward+backward", "route": "-", "s": plain_s, "ratio": 1.0}]
     rows += _feature_rows(case, model, init, x, "output", plain_s, ("init", "nlo", "trained", "path"), repeat)
-    tangent_s, _ = _timed(_plain_with_tangent(model, init, list(x.split(256))), repeat)
-    what = "floor of nlo: forward+backward with the tangent Δθ on the parameters (no hooks, no factors)"
-    return rows + [{"case": case, "what": what, "route": "-", "s": tangent_s, "ratio": tangent_s / plain_s}]
-
-
-def _plain_with_tangent(model: nn.Module, init: dict, batches: list[Any]) -> Callable[[], None]:
-    """The plain pass carrying the forward-mode tangent Δθ = θ* − θ0 (forward-over-reverse), under the settings
-    efffeat's passes use (math attention, no fast path, composite norms)."""
-    import torch.autograd.forward_ad as fwAD
-
-    from efffeat._autodiff import autodiff_context
+    from benchmarks.search import tangent_pass
 
     delta = {name: p.detach() - init[name] for name, p in model.named_parameters()}
-
-    def run() -> None:
-        for batch in batches:
-            with fwAD.dual_level(), autodiff_context(model, forward_ad=True):
-                leaves = {name: p.detach().requires_grad_() for name, p in model.named_parameters()}
-                params = {name: fwAD.make_dual(p, delta[name]) for name, p in leaves.items()}
-                out = functional_call(model, params, (batch,)).sum()
-                torch.autograd.grad(out, list(leaves.values()))
-
-    return run
+    tangent_s, _ = _timed(tangent_pass(model, delta, list(x.split(256)), lambda out, batch: out), repeat)
+    what = "floor of nlo: forward+backward with the tangent Δθ on the parameters (no hooks, no factors)"
+    return rows + [{"case": case, "what": what, "route": "-", "s": tangent_s, "ratio": tangent_s / plain_s}]
 
 
 def gru(repeat: int, n: int = 256) -> list[dict]:
